@@ -1,0 +1,1 @@
+"""Popek: a virtual machine monitor on Linux KVM, scriptable from Python."""

@@ -1,0 +1,1 @@
+"""KVM API bindings: ABI structures and ioctl wrappers (Documentation/virt/kvm/api.rst)."""

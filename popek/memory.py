@@ -1,0 +1,157 @@
+"""Guest physical memory: memfd-backed regions mapped shared, addressed by guest physical address."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+
+PAGE_SIZE = 4096
+
+#: x86 PCI/MMIO hole below 4 GiB: RAM beyond this point is placed above 4 GiB.
+MMIO_HOLE_START = 0xC000_0000
+MMIO_HOLE_END = 0x1_0000_0000
+
+
+class GuestMemoryError(ValueError):
+    """A guest physical access outside every RAM region (or straddling two)."""
+
+
+@dataclass
+class GuestRegion:
+    """One contiguous range of guest RAM backed by its own memfd.
+
+    :param gpa: guest physical start address (bytes, page aligned)
+    :param size: length in bytes (page multiple)
+    """
+
+    gpa: int
+    size: int
+    fd: int = -1
+    map: mmap.mmap = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.gpa % PAGE_SIZE or self.size % PAGE_SIZE or self.size <= 0:
+            raise GuestMemoryError(f"region {self.gpa:#x}+{self.size:#x} is not page aligned")
+        if self.fd < 0:
+            self.fd = os.memfd_create(f"popek-ram-{self.gpa:x}", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, self.size)
+        if self.map is None:
+            self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    @property
+    def host_address(self) -> int:
+        """Host virtual address of the mapping (for ``kvm_userspace_memory_region.userspace_addr``)."""
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # a memoryview is still exported; the mapping goes when it does
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class GuestMemory:
+    """All guest RAM of a VM.
+
+    :param regions: list of ``(gpa, size)`` pairs in bytes; they must not overlap.
+    :raises GuestMemoryError: on overlap or misalignment.
+    """
+
+    def __init__(self, regions: list[tuple[int, int]]):
+        spans = sorted(regions)
+        for (a, asz), (b, _) in zip(spans, spans[1:]):
+            if a + asz > b:
+                raise GuestMemoryError(f"regions {a:#x}+{asz:#x} and {b:#x} overlap")
+        self.regions = [GuestRegion(gpa, size) for gpa, size in spans]
+
+    @classmethod
+    def x86(cls, size: int) -> "GuestMemory":
+        """RAM of ``size`` bytes laid out around the MMIO hole at 3–4 GiB, as PCs do."""
+        if size <= 0 or size % PAGE_SIZE:
+            raise GuestMemoryError(f"memory size {size} is not a positive multiple of {PAGE_SIZE}")
+        low = min(size, MMIO_HOLE_START)
+        regions = [(0, low)]
+        if size > low:
+            regions.append((MMIO_HOLE_END, size - low))
+        return cls(regions)
+
+    @property
+    def size(self) -> int:
+        """Total RAM in bytes."""
+        return sum(r.size for r in self.regions)
+
+    def region_of(self, gpa: int, size: int = 1) -> GuestRegion:
+        """The region holding ``[gpa, gpa+size)``.
+
+        :raises GuestMemoryError: if no single region holds the whole range.
+        """
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + size <= r.end:
+                return r
+        raise GuestMemoryError(f"guest physical range {gpa:#x}+{size:#x} is not in guest RAM")
+
+    def contains(self, gpa: int, size: int = 1) -> bool:
+        return any(r.gpa <= gpa and gpa + size <= r.end for r in self.regions)
+
+    def view(self, gpa: int, size: int) -> memoryview:
+        """A writable memoryview of ``size`` bytes at ``gpa`` (zero copy; for device DMA)."""
+        if size < 0:
+            raise GuestMemoryError(f"negative size {size}")
+        r = self.region_of(gpa, max(size, 1))
+        off = gpa - r.gpa
+        return memoryview(r.map)[off:off + size]
+
+    def read(self, gpa: int, size: int) -> bytes:
+        r = self.region_of(gpa, max(size, 1))
+        off = gpa - r.gpa
+        return r.map[off:off + size]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        r = self.region_of(gpa, max(n, 1))
+        off = gpa - r.gpa
+        r.map[off:off + n] = bytes(data) if isinstance(data, memoryview) else data
+
+    def read_u8(self, gpa: int) -> int:
+        return self.read(gpa, 1)[0]
+
+    def read_u16(self, gpa: int) -> int:
+        return struct.unpack("<H", self.read(gpa, 2))[0]
+
+    def read_u32(self, gpa: int) -> int:
+        return struct.unpack("<I", self.read(gpa, 4))[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return struct.unpack("<Q", self.read(gpa, 8))[0]
+
+    def write_u8(self, gpa: int, v: int) -> None:
+        self.write(gpa, struct.pack("<B", v))
+
+    def write_u16(self, gpa: int, v: int) -> None:
+        self.write(gpa, struct.pack("<H", v))
+
+    def write_u32(self, gpa: int, v: int) -> None:
+        self.write(gpa, struct.pack("<I", v))
+
+    def write_u64(self, gpa: int, v: int) -> None:
+        self.write(gpa, struct.pack("<Q", v))
+
+    def close(self) -> None:
+        for r in self.regions:
+            r.close()
+
+    def __enter__(self) -> "GuestMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
