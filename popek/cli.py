@@ -1,0 +1,197 @@
+"""The `popek` command line: a thin layer that parses, calls the Python API and prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from popek.runner import DEFAULT_KERNEL, IMAGE_KINDS, VM
+
+PROCESS_START = time.monotonic()
+
+
+def fail(message: str, code: int = 2):
+    click.echo(f"popek: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    from popek.boot.linux import BootError
+    from popek.images.build import ImageError
+    from popek.kvm.system import KvmError
+    from popek.vm import VmError
+
+    return (BootError, ImageError, KvmError, VmError, ValueError, OSError)
+
+
+@click.group()
+@click.version_option(package_name="popek")
+def main() -> None:
+    """Popek: a virtual machine monitor on Linux KVM."""
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.option("--kernel", default=None, metavar="microvm|debian|PATH",
+              help=f"guest kernel: a Popek image name or a bzImage/vmlinux path [default: {DEFAULT_KERNEL}]")
+@click.option("--initrd", default=None, metavar="PATH", help="initramfs (default: the image's)")
+@click.option("--append", default="", metavar="ARGS", help="extra kernel command-line arguments")
+@click.option("--memory", "-m", default="256M", show_default=True, help="guest RAM (e.g. 256M, 1G)")
+@click.option("--cpus", "-c", default=1, show_default=True, type=int, help="number of vCPUs")
+@click.option("--stats", is_flag=True, help="print time to init, exits by reason, emulated instructions, guest/VMM time")
+@click.option("--stats-json", is_flag=True, help="print the statistics as one JSON line on stderr")
+@click.option("--profile", is_flag=True, help="sample guest RIPs and print the hottest spots")
+@click.option("--profile-interval", default=0.02, show_default=True, type=float, help="seconds between samples")
+@click.option("--system-map", default=None, metavar="PATH", help="System.map to symbolize the profile")
+@click.option("--no-extract", is_flag=True, help="boot a bzImage through its own decompressor")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run(kernel, initrd, append, memory, cpus, stats, stats_json, profile, profile_interval, system_map, no_extract,
+        command):
+    """Boot a guest and run COMMAND in it (after `--`); with no COMMAND, an interactive shell.
+
+    Exits with the guest command's exit status.
+    """
+    from popek.console import Console
+    from popek.profiler import Profiler, SystemMap
+
+    out = sys.stdout.buffer
+    try:
+        vm = VM(list(command) or None, kernel=kernel, initrd=initrd, memory=memory, cpus=cpus, append=append,
+                on_output=lambda data: (out.write(data), out.flush()), progress=True,
+                extract_payload=not no_extract)
+    except _bad_input_errors() as e:
+        fail(str(e))
+    smap_path = system_map or vm.system_map
+    profiler = Profiler(vm.vcpus, profile_interval) if profile else None
+    interactive = not command
+    console = Console(sys.stdin.fileno(), out, on_input=vm.send_input, on_quit=vm.stop_async) if interactive else None
+    result = None
+    try:
+        if console:
+            console.start()
+        vm.start()
+        if profiler:
+            profiler.start()
+        result = vm.wait()
+    except KeyboardInterrupt:
+        result = vm.stop()
+        click.echo("\npopek: interrupted; VM stopped", err=True)
+    finally:
+        if profiler:
+            profiler.stop()
+        if console:
+            console.close()
+        vm.close()
+    if profiler:
+        smap = SystemMap.load(smap_path) if smap_path else None
+        _print_profile(profiler.report(smap))
+    if stats or stats_json:
+        _print_stats(vm.stats.as_dict(), as_json=stats_json)
+    sys.exit(_exit_code(result, interactive))
+
+
+def _exit_code(result, interactive: bool) -> int:
+    if result is None:
+        return 130
+    if result.reason == "exit":
+        return result.exit_status
+    if result.reason == "stopped":
+        return 130 if not interactive else 0
+    if result.reason in ("reset", "shutdown", "system-event") and interactive:
+        return 0
+    what = {"panic": "", "error": "VMM error: "}.get(result.reason, f"the guest ended ({result.reason}) "
+                                                                    "before the command reported an exit status")
+    click.echo(f"popek: {what}{result.detail}", err=True)
+    return 1
+
+
+def _print_stats(d: dict, *, as_json: bool) -> None:
+    d = dict(d, time_since_process_start_s=time.monotonic() - PROCESS_START)
+    if as_json:
+        click.echo(json.dumps(d), err=True)
+        return
+    from rich.console import Console as RichConsole
+    from rich.table import Table
+
+    t = Table(title="popek run statistics", show_header=True)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    tti = d["time_to_init_s"]
+    t.add_row("time to init", "not reached" if tti is None else f"{tti:.3f} s")
+    t.add_row("wall time", f"{d['wall_s']:.3f} s")
+    t.add_row("time in guest (KVM_RUN)", f"{d['time_in_guest_s']:.3f} s")
+    t.add_row("time in VMM", f"{d['time_in_vmm_s']:.3f} s")
+    for reason, n in sorted(d["exits"].items(), key=lambda kv: -kv[1]):
+        t.add_row(f"exits: {reason}", str(n))
+    for mnem, n in sorted(d["emulated_instructions"].items(), key=lambda kv: -kv[1]):
+        t.add_row(f"emulated: {mnem}", str(n))
+    t.add_row("syscalls repaired", str(d["syscalls_repaired"]))
+    t.add_row("debug exits", str(d["debug_exits"]))
+    RichConsole(stderr=True).print(t)
+
+
+def _print_profile(rows) -> None:
+    from rich.console import Console as RichConsole
+    from rich.table import Table
+
+    t = Table(title="guest profile (RIP samples)")
+    t.add_column("where")
+    t.add_column("samples", justify="right")
+    t.add_column("share", justify="right")
+    for r in rows:
+        t.add_row(r.where, str(r.samples), f"{100 * r.share:.1f}%")
+    RichConsole(stderr=True).print(t)
+
+
+@main.group()
+def image() -> None:
+    """Build and list guest images (kernels + initramfs from Debian packages)."""
+
+
+@image.command("build")
+@click.option("--kernel", "kinds", multiple=True, type=click.Choice(IMAGE_KINDS), help="which image (repeatable)")
+@click.option("--force", is_flag=True, help="rebuild even if cached")
+def image_build(kinds, force) -> None:
+    """Build guest images into the cache (default: the default guest)."""
+    from popek.images.build import build_image
+
+    try:
+        for kind in kinds or (DEFAULT_KERNEL,):
+            img = build_image(kind, progress=True, force=force)
+            click.echo(f"{img.name}: kernel {img.kernel}  initrd {img.initrd}  ({img.version})")
+    except _bad_input_errors() as e:
+        fail(str(e))
+
+
+@image.command("list")
+def image_list() -> None:
+    """Show which guest images are cached."""
+    from popek.images.build import find_image
+
+    for kind in IMAGE_KINDS:
+        img = find_image(kind)
+        click.echo(f"{kind:8} " + (f"{img.version}  {img.kernel.parent}" if img else "not built"))
+
+
+@main.command()
+def info() -> None:
+    """Describe this host's KVM: API version, flavour (hardware or emulating), what Popek does about it."""
+    from popek.kvm.system import Kvm, KvmError, detect_flavor
+
+    try:
+        kvm = Kvm()
+    except KvmError as e:
+        fail(str(e))
+    f = detect_flavor()
+    click.echo(f"/dev/kvm: API version {kvm.api_version}")
+    click.echo(f"flavour: {f.name} ({f.reason})")
+    if f.emulating_cpl0:
+        click.echo("guest kernel code is emulated: Popek adds the kernel switches it needs, emulates what the KVM "
+                   "cannot, and repairs SYSCALL from guest user mode")
+    kvm.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The guest kernel command line Popek builds: console, reboot method, the init's command, emulating-KVM switches."""
+
+from __future__ import annotations
+
+import base64
+import shlex
+
+#: Always on: the 8250 console, reset through the i8042 (which ends the VM), and a quiet boot.
+BASE_ARGS = ("console=ttyS0", "reboot=k", "panic=-1", "quiet")
+
+#: Switches for an emulating KVM (environment.md "What the emulator cannot do"): hide the features whose
+#: instructions the emulator fails on (clearcpuid takes 32*word+bit in Linux 6.1: 141 CX16, 151 POPCNT,
+#: 154 XSAVE, 288 FSGSBASE, 308 SMAP, 515 PKU), skip XSAVE, and cut boot work that costs minutes when every
+#: kernel instruction is emulated (page zeroing on allocation, KASLR's relocation, TSC calibration, the
+#: crypto self-tests).
+EMULATING_KVM_ARGS = (
+    "noxsave",
+    "clearcpuid=141,151,154,288,308,515",
+    "init_on_alloc=0",
+    "nokaslr",
+    "tsc=reliable",
+    "cryptomgr.notests",
+    "no_timer_check",
+)
+
+#: Name of the command-line parameter the guest's /init reads its command from (base64 of the shell text).
+CMD_PARAM = "popek.cmd"
+
+
+def command_arg(command: list[str] | str) -> str:
+    """``popek.cmd=<base64>`` for a command given as argv (shell-quoted) or as shell text."""
+    text = command if isinstance(command, str) else shlex.join(command)
+    return f"{CMD_PARAM}={base64.b64encode(text.encode()).decode()}"
+
+
+def build_cmdline(*, emulating: bool, command: list[str] | str | None = None, append: str = "") -> str:
+    """The full kernel command line.
+
+    :param emulating: the KVM emulates guest CPL 0 (``popek.kvm.system.detect_flavor``): add the switches it needs.
+    :param command: what the init runs (None: an interactive shell).
+    :param append: the user's extra arguments, last so they can override ours.
+    """
+    args = list(BASE_ARGS)
+    if emulating:
+        args += EMULATING_KVM_ARGS
+    if command:
+        args.append(command_arg(command))
+    if append:
+        args.append(append)
+    return " ".join(args)

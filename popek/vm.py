@@ -1,0 +1,398 @@
+"""The virtual machine: builds memory, irqchip, vCPUs, buses and devices from a VmConfig, and runs them (state-guarded)."""
+
+from __future__ import annotations
+
+import enum
+import os
+import queue
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from popek.boot import layout
+from popek.boot.linux import load_linux
+from popek.boot.mptable import write_mptable
+from popek.boot.x86 import setup_cpuid, setup_lapic, setup_long_mode, setup_msrs
+from popek.bus import Bus
+from popek.devices.debugport import DebugPort
+from popek.devices.i8042 import I8042
+from popek.devices.pci import PciBus, PciConfigIo
+from popek.devices.rtc import Rtc
+from popek.devices.serial import Serial
+from popek.emulate import EmulationFailure, Emulator
+from popek.irq import CallbackIrqLine
+from popek.kvm.system import Kvm, KvmFlavor, detect_flavor
+from popek.memory import GuestMemory
+from popek.repair import SyscallRepair
+from popek.vcpu import Vcpu, install_kick_signal
+
+#: Legacy PC port assignments (and their ISA IRQs).
+COM1_PORT, COM1_IRQ = 0x3F8, 4
+I8042_PORT = 0x60
+RTC_PORT = 0x70
+PCI_CONFIG_PORT = 0xCF8
+DEBUG_PORT = 0x504
+
+#: Debug-port boot events the guest init reports (popek/images/init).
+EVENT_INIT_STARTED = 1
+
+#: Below this the kernels Popek builds do not reach init.
+MIN_MEMORY = 32 << 20
+
+PANIC_RE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
+
+
+class VmError(RuntimeError):
+    """A VM that cannot be built or run (bad configuration, a KVM failure, a guest the VMM cannot continue)."""
+
+
+class VmState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+@dataclass
+class VmConfig:
+    """What to boot and with which resources.
+
+    :param kernel: bzImage or vmlinux ELF path.
+    :param cmdline: the full kernel command line (see ``popek.guestcmd.build_cmdline``).
+    :param memory: guest RAM in bytes (a multiple of 4 KiB, at least ``MIN_MEMORY``).
+    :param cpus: number of vCPUs (1-254).
+    :param extract_payload: boot a bzImage's compressed vmlinux directly, skipping its decompressor.
+    :param repair_syscall: None = decide by the KVM flavour (on when it emulates CPL 0).
+    """
+
+    kernel: Path
+    cmdline: str
+    initrd: Path | None = None
+    memory: int = 256 << 20
+    cpus: int = 1
+    extract_payload: bool = True
+    repair_syscall: bool | None = None
+
+
+@dataclass
+class VmResult:
+    """How a VM ended.
+
+    :param reason: "exit" (the guest command reported a status), "reset", "shutdown", "panic", "error", "stopped".
+    :param exit_status: the guest command's exit status, or None if it never reported one.
+    """
+
+    reason: str
+    exit_status: int | None
+    detail: str = ""
+
+
+class ConsoleStream:
+    """The serial console as a stream: iterate (or ``read``) guest output bytes; ``write`` sends input to the guest."""
+
+    def __init__(self, send: Callable[[bytes], None]):
+        self._send = send
+        self._chunks: queue.Queue[bytes | None] = queue.Queue()
+
+    def _feed(self, data: bytes | None) -> None:
+        self._chunks.put(data)
+
+    def write(self, data: bytes) -> None:
+        self._send(data)
+
+    def read(self, timeout: float | None = None) -> bytes | None:
+        """The next chunk of output; b"" on timeout; None once the VM has ended and all output was read."""
+        try:
+            chunk = self._chunks.get(timeout=timeout)
+        except queue.Empty:
+            return b""
+        if chunk is None:
+            self._chunks.put(None)
+        return chunk
+
+    def __iter__(self):
+        while (chunk := self.read()) is not None:
+            yield chunk
+
+
+@dataclass
+class VmStats:
+    started_at: float = 0.0
+    init_at: float | None = None
+    ended_at: float | None = None
+    exits: Counter = field(default_factory=Counter)
+    emulated: Counter = field(default_factory=Counter)
+    syscalls_repaired: int = 0
+    debug_exits: int = 0
+    time_in_guest: float = 0.0
+    time_in_vmm: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "time_to_init_s": None if self.init_at is None else self.init_at - self.started_at,
+            "wall_s": (self.ended_at or time.monotonic()) - self.started_at,
+            "exits": dict(self.exits),
+            "emulated_instructions": dict(self.emulated),
+            "syscalls_repaired": self.syscalls_repaired,
+            "debug_exits": self.debug_exits,
+            "time_in_guest_s": self.time_in_guest,
+            "time_in_vmm_s": self.time_in_vmm,
+        }
+
+
+class Vm:
+    """One virtual machine: ``Vm(config).start()``, then ``wait()``; ``pause()/resume()``; ``stop()``.
+
+    Console output goes to ``on_output`` (called on the vCPU thread) and to ``console`` (a ConsoleStream).
+    :raises VmError: if the VM cannot be built; ``popek.boot.linux.BootError`` for a bad kernel/initrd/cmdline;
+        ``popek.kvm.system.KvmError`` if KVM is unusable.
+    """
+
+    def __init__(self, config: VmConfig, *, on_output: Callable[[bytes], None] | None = None,
+                 flavor: KvmFlavor | None = None):
+        if config.memory < MIN_MEMORY:
+            raise VmError(f"{config.memory >> 20} MiB of guest memory is below the {MIN_MEMORY >> 20} MiB a kernel needs")
+        if not 1 <= config.cpus <= 254:
+            raise VmError(f"{config.cpus} vCPUs: Popek supports 1 to 254")
+        self.config = config
+        self.flavor = flavor or detect_flavor()
+        self.state = VmState.CREATED
+        self.stats = VmStats()
+        self._on_output = on_output
+        self._output = bytearray()
+        self._init_output_at: int | None = None
+        self._exit_output_at: int | None = None
+        self._exit_status: int | None = None
+        self._panic: str | None = None
+        self._result: VmResult | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self.console = ConsoleStream(self.send_input)
+        self.vcpus: list[Vcpu] = []
+        self.memory: GuestMemory | None = None
+        self._kvm = None
+        self._vm = None
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- construction ---------------------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        cfg = self.config
+        self._kvm = Kvm()
+        vm = self._vm = self._kvm.create_vm()
+        vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2()
+        self.memory = GuestMemory.x86(cfg.memory)
+        for slot, region in enumerate(self.memory.regions):
+            vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
+
+        self.pio, self.mmio = Bus("pio"), Bus("mmio")
+        self.serial = Serial(CallbackIrqLine(COM1_IRQ, vm.irq_line), self._guest_output)
+        self.pio.insert(COM1_PORT, 8, self.serial)
+        self.pio.insert(I8042_PORT, 5, I8042(on_reset=lambda: self._end("reset", "guest reset through the i8042")))
+        self.pio.insert(RTC_PORT, 2, Rtc())
+        self.pci = PciBus()
+        self.pio.insert(PCI_CONFIG_PORT, 8, PciConfigIo(self.pci))
+        self.pio.insert(DEBUG_PORT, 2, DebugPort(on_exit_status=self._guest_exit_status, on_event=self._guest_event))
+
+        self.boot = load_linux(self.memory, cfg.kernel, cmdline=cfg.cmdline, initrd_path=cfg.initrd,
+                               extract_payload=cfg.extract_payload)
+        write_mptable(self.memory, cfg.cpus, ioapic_id=cfg.cpus)
+
+        repair = cfg.repair_syscall if cfg.repair_syscall is not None else self.flavor.emulating_cpl0
+        self.emulator = Emulator()
+        self.repair = SyscallRepair() if repair else None
+        install_kick_signal()
+        supported = self._kvm.supported_cpuid()
+        for i in range(cfg.cpus):
+            fd = vm.create_vcpu(i)
+            setup_cpuid(fd, supported, i, cfg.cpus)
+            setup_msrs(fd)
+            setup_lapic(fd)
+            if i == 0:
+                setup_long_mode(self.memory, fd, rip=self.boot.entry, rsi=self.boot.boot_params)
+            self.vcpus.append(Vcpu(fd, self.pio, self.mmio,
+                                   on_internal_error=self._on_internal_error,
+                                   on_debug=self._on_debug,
+                                   on_exit_poll=self._on_exit_poll,
+                                   on_stop=self._on_vcpu_stop))
+
+    # ---- device callbacks (vCPU threads) ---------------------------------------------------------------------------
+
+    def _guest_output(self, data: bytes) -> None:
+        with self._lock:
+            self._output += data
+            if self._panic is None and b"panic" in self._output[-len(data) - 64:]:
+                m = PANIC_RE.search(self._output, max(0, len(self._output) - len(data) - 256))
+                if m:
+                    self._panic = m.group(1).decode(errors="replace").strip()
+        self.console._feed(bytes(data))
+        if self._on_output:
+            self._on_output(data)
+
+    def _guest_event(self, n: int) -> None:
+        if n == EVENT_INIT_STARTED and self.stats.init_at is None:
+            self.stats.init_at = time.monotonic()
+            with self._lock:
+                self._init_output_at = len(self._output)
+
+    def _guest_exit_status(self, code: int) -> None:
+        with self._lock:
+            self._exit_status = code
+            self._exit_output_at = len(self._output)
+
+    def send_input(self, data: bytes) -> None:
+        """Bytes typed at the guest's serial console (thread-safe)."""
+        self.serial.enqueue_input(data)
+
+    # ---- vCPU hooks ------------------------------------------------------------------------------------------------
+
+    def _on_internal_error(self, vcpu: Vcpu, exit) -> bool:
+        try:
+            return self.emulator.handle(vcpu.fd, exit)
+        except EmulationFailure as e:
+            self._end("error", str(e))
+            return False
+
+    def _on_debug(self, vcpu: Vcpu, exit) -> bool:
+        return self.repair is not None and self.repair.on_debug(vcpu.fd, exit)
+
+    def _on_exit_poll(self, vcpu: Vcpu) -> None:
+        if self.repair is not None:
+            self.repair.poll(vcpu.fd)
+
+    def _on_vcpu_stop(self, vcpu: Vcpu, reason: str, detail: str) -> None:
+        if reason != "stopped":
+            self._end(reason, detail)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------------
+
+    def start(self) -> "Vm":
+        """Start every vCPU thread. :raises VmError: unless the VM was just created."""
+        if self.state is not VmState.CREATED:
+            raise VmError(f"cannot start a VM that is {self.state.value}")
+        self.stats.started_at = time.monotonic()
+        self.state = VmState.RUNNING
+        for v in self.vcpus:
+            v.start()
+        if self.repair is not None:
+            threading.Thread(target=self._poll_kicker, name="popek-repair-poll", daemon=True).start()
+        return self
+
+    def _poll_kicker(self) -> None:
+        # The SYSCALL repair must notice when the guest installs its IDT and LSTAR, which cause no exit by
+        # themselves: kick each vCPU now and then so on_exit_poll runs (cheap: one exit per vCPU per period).
+        while not self._done.wait(0.1):
+            if self.state is VmState.RUNNING:
+                for v in self.vcpus:
+                    v.kick()
+
+    def _end(self, reason: str, detail: str = "") -> None:
+        with self._lock:
+            if self._result is not None:
+                return
+            if reason in ("reset", "shutdown") and self._panic is not None:
+                reason, detail = "panic", f"guest kernel panic: {self._panic}"
+            elif reason == "reset" and self._exit_status is not None:
+                reason = "exit"
+            self._result = VmResult(reason, self._exit_status, detail)
+        self._done.set()
+        for v in self.vcpus:
+            v.stop()
+
+    def wait(self, timeout: float | None = None) -> VmResult | None:
+        """Block until the VM ends (or ``timeout`` seconds pass: then None); joins the vCPU threads."""
+        if not self._done.wait(timeout):
+            return None
+        for v in self.vcpus:
+            if v.started:
+                v.join()
+        self._finish()
+        return self._result
+
+    def pause(self) -> None:
+        if self.state is not VmState.RUNNING:
+            raise VmError(f"cannot pause a VM that is {self.state.value}")
+        for v in self.vcpus:
+            v.pause()
+        self.state = VmState.PAUSED
+
+    def resume(self) -> None:
+        if self.state is not VmState.PAUSED:
+            raise VmError(f"cannot resume a VM that is {self.state.value}")
+        for v in self.vcpus:
+            v.resume()
+        self.state = VmState.RUNNING
+
+    def stop_async(self) -> None:
+        """Ask the VM to stop and return at once (safe from any thread, e.g. the console's escape key)."""
+        self._end("stopped", "stopped by the user")
+
+    def stop(self) -> VmResult:
+        """Stop the VM now (from any state) and release its resources."""
+        self._end("stopped", "stopped by the VMM")
+        result = self.wait()
+        self.close()
+        return result
+
+    def _finish(self) -> None:
+        if self.state is VmState.STOPPED:
+            return
+        self.state = VmState.STOPPED
+        self.stats.ended_at = time.monotonic()
+        for v in self.vcpus:
+            self.stats.exits.update(v.exit_counts)
+            self.stats.time_in_guest += v.time_in_guest
+            self.stats.time_in_vmm += v.time_in_vmm
+        self.stats.emulated = Counter(self.emulator.counts)
+        if self.repair is not None:
+            self.stats.syscalls_repaired = self.repair.repaired
+            self.stats.debug_exits = self.repair.debug_exits
+        self.console._feed(None)
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        self.vcpus.clear()
+        for obj in (self._vm, self._kvm):
+            if obj is not None:
+                obj.close()
+        self._vm = self._kvm = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+    # ---- results ---------------------------------------------------------------------------------------------------
+
+    @property
+    def output(self) -> bytes:
+        """Everything the guest wrote to its console so far."""
+        with self._lock:
+            return bytes(self._output)
+
+    @property
+    def command_output(self) -> bytes:
+        """What the guest command printed: console output between init's start and its exit-status report."""
+        with self._lock:
+            start = self._init_output_at or 0
+            end = self._exit_output_at if self._exit_output_at is not None else len(self._output)
+            return bytes(self._output[start:end])
+
+    def __enter__(self) -> "Vm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.state is not VmState.STOPPED:
+            self.stop()
+        else:
+            self.close()
