@@ -210,8 +210,8 @@ class Vm:
         write_mptable(self.memory, cfg.cpus, ioapic_id=cfg.cpus)
 
         repair = cfg.repair_syscall if cfg.repair_syscall is not None else self.flavor.emulating_cpl0
-        self.emulator = Emulator()
-        self.repair = SyscallRepair() if repair else None
+        self.emulator = Emulator(self.memory)
+        self.repair = SyscallRepair(self.memory) if repair else None
         install_kick_signal()
         supported = self._kvm.supported_cpuid()
         for i in range(cfg.cpus):
