@@ -1,0 +1,230 @@
+"""Guest image builds: the "microvm" and "debian" kernels with a busybox initramfs, found in or added to the cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from popek.images import cache, debian, microvm
+from popek.images.cache import ImageError
+from popek.images.cpio import CpioWriter
+
+__all__ = ["GuestImage", "ImageError", "KINDS", "build_image", "find_image", "image_key", "make_initramfs"]
+
+KINDS = ("microvm", "debian")
+INIT = Path(__file__).with_name("init")
+# Applets linked into /bin (the init's and a user's needs); /sbin, /usr/bin and /usr/sbin are symlinks to /bin.
+# A short list rather than `busybox --list-full`: the kernel unpacks every cpio entry at emulated speed.
+APPLETS = (
+    "sh ash mount umount cat echo ls uname dd base64 printf reboot poweroff halt sync setsid cttyhack modprobe insmod "
+    "rmmod lsmod hostname sleep mkdir rmdir ps head tail grep sed sha256sum md5sum wc env true false id date dmesg "
+    "ip nc wget mdev cp mv rm ln chmod touch cut tr sort uniq tee find xargs awk kill free df du stat test [ vi "
+    "ifconfig route ping udhcpc stty tty seq expr od hexdump time timeout"
+).split()
+
+
+# x86-64 machine code of /bin/popek-outb PORT VALUE (decimal): ioperm(PORT, 1, 1), `out dx, al`, exit 0; exit 1 on a
+# wrong argument count or ioperm failure. The fallback for kernels without CONFIG_DEVPORT (Debian's cloud kernel).
+_OUTB_CODE = bytes.fromhex(
+    "48833c2403" "7542"            # cmp qword [rsp], 3 ; jne fail          (argc == 3)
+    "488b742410" "e844000000"      # mov rsi, [rsp+16] ; call parse        (argv[1])
+    "4189c4"                       # mov r12d, eax                          port
+    "488b742418" "e837000000"      # mov rsi, [rsp+24] ; call parse        (argv[2])
+    "4189c5"                       # mov r13d, eax                          value
+    "b8ad000000" "4489e7"          # mov eax, 173 (ioperm) ; mov edi, r12d
+    "be01000000" "ba01000000"      # mov esi, 1 ; mov edx, 1
+    "0f05" "85c0" "7510"           # syscall ; test eax, eax ; jnz fail
+    "4489e2" "4489e8" "ee"         # mov edx, r12d ; mov eax, r13d ; out dx, al
+    "b83c000000" "31ff" "0f05"     # mov eax, 60 (exit) ; xor edi, edi ; syscall
+    "b83c000000" "bf01000000" "0f05"  # fail: mov eax, 60 ; mov edi, 1 ; syscall
+    "31c0"                         # parse: xor eax, eax
+    "0fb60e" "83e930" "83f909"     # 1: movzx ecx, byte [rsi] ; sub ecx, '0' ; cmp ecx, 9
+    "770a" "6bc00a" "01c8"         # ja 2f ; imul eax, eax, 10 ; add eax, ecx
+    "48ffc6" "ebeb" "c3"           # inc rsi ; jmp 1b ; 2: ret
+)
+# Part of every cache key: a change to the initramfs contents below rebuilds the images.
+_INITRAMFS_LAYOUT = f"v1 popek-outb {_OUTB_CODE.hex()} applets {' '.join(APPLETS)}"
+
+
+def outb_helper_elf(base: int = 0x400000) -> bytes:
+    """A static x86-64 ELF executable (ELF-64 Object File Format: one PT_LOAD segment, R+X, at `base`) running
+    _OUTB_CODE: `popek-outb PORT VALUE` writes byte VALUE to I/O port PORT from user mode after ioperm(2)."""
+    code_offset = 64 + 56
+    size = code_offset + len(_OUTB_CODE)
+    ehdr = struct.pack("<4sBBBBB7xHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, 2, 0x3E, 1, base + code_offset,
+                       64, 0, 0, 64, 56, 1, 0, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)
+    return ehdr + phdr + _OUTB_CODE
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A built guest image: `kernel` (microvm: ELF vmlinux; debian: bzImage vmlinuz), `initrd` (uncompressed newc
+    cpio), `system_map` (None when the kernel package ships none), `version` (the kernel release, `uname -r` in the
+    guest) and `name` (the cache entry's directory name)."""
+
+    name: str
+    kernel: Path
+    initrd: Path
+    system_map: Path | None
+    version: str
+
+
+def _digest(*parts: bytes) -> str:
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
+
+
+def _microvm_kernel_key() -> str:
+    version = microvm.source_version() or debian.candidate_version(microvm.SOURCE_PACKAGE, update=False)
+    return cache.entry_name("microvm-kernel", version, _digest(microvm.FRAGMENT.read_bytes()))
+
+
+def image_key(kind: str, *, update: bool = False) -> str:
+    """Cache entry name of image `kind`, from its inputs' versions as apt sees them (no network unless `update`):
+    microvm-<linux-source-6.1 version>-<sha256(fragment, init, busybox version, initramfs layout)[:12]>,
+    debian-<kernel release>-<kernel package version>-<busybox version>-<sha256(init, modules, layout)[:12]>.
+    Raises ImageError for an unknown kind or when apt cannot name a version."""
+    busybox = debian.candidate_version(debian.BUSYBOX_PACKAGE, update=update)  # what `apt-get download` fetches
+    init, layout = INIT.read_bytes(), _INITRAMFS_LAYOUT.encode()
+    if kind == "microvm":
+        source = microvm.source_version() or debian.candidate_version(microvm.SOURCE_PACKAGE, update=update)
+        return cache.entry_name("microvm", source, _digest(microvm.FRAGMENT.read_bytes(), init, busybox.encode(),
+                                                           layout))
+    if kind == "debian":
+        package = debian.resolve_kernel_package(update=update)
+        version = debian.candidate_version(package, update=update)
+        modules = " ".join(debian.GUEST_MODULES).encode()
+        return cache.entry_name("debian", debian.kernel_release(package), version, busybox,
+                                _digest(init, modules, layout))
+    raise ImageError(f"unknown guest image kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def _busybox_applets(busybox: Path) -> set[str] | None:
+    """Applet names the binary reports (`busybox --list`), or None if it cannot run on this host."""
+    try:
+        proc = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(proc.stdout.split()) if proc.returncode == 0 else None
+
+
+def _add_tree(writer: CpioWriter, root: Path, prefix: str) -> None:
+    """Add directory `root`'s contents under archive path `prefix` (whose parents are already in the archive)."""
+    for path in sorted(root.rglob("*")):
+        name = f"{prefix}/{path.relative_to(root).as_posix()}"
+        if path.is_symlink():
+            writer.add_symlink(name, os.readlink(path))
+        elif path.is_dir():
+            writer.add_dir(name)
+        else:
+            writer.add_file(name, path.read_bytes(), stat.S_IMODE(path.stat().st_mode))
+
+
+def make_initramfs(busybox: Path, modules_root: Path | None = None, init: Path = INIT) -> bytes:
+    """The guest initramfs as uncompressed newc cpio bytes: /init (`init`, mode 0755), /bin/busybox with symlinks
+    for APPLETS, /bin/popek-outb (outb_helper_elf), /sbin, /usr/bin, /usr/sbin -> bin, /dev/console (c 5:1, the console before devtmpfs), empty /proc
+    /sys /dev /tmp /root /run, /etc/passwd and /etc/group for root, and, if `modules_root` is given, its lib/ tree
+    (lib/modules/<release>/...). Raises ImageError if the busybox binary lacks a listed applet."""
+    have = _busybox_applets(busybox)
+    if have is not None and (missing := [a for a in APPLETS if a not in have]):
+        raise ImageError(f"{busybox} lacks applets the guest needs: {', '.join(missing)}")
+    w = CpioWriter()
+    for d, mode in (("bin", 0o755), ("dev", 0o755), ("etc", 0o755), ("proc", 0o555), ("sys", 0o555),
+                    ("tmp", 0o1777), ("root", 0o700), ("run", 0o755), ("usr", 0o755)):
+        w.add_dir(d, mode)
+    w.add_device("dev/console", "c", 5, 1, 0o600)
+    w.add_file("init", init.read_bytes(), 0o755)
+    w.add_file("bin/busybox", busybox.read_bytes(), 0o755)
+    w.add_file("bin/popek-outb", outb_helper_elf(), 0o755)
+    for applet in APPLETS:
+        w.add_symlink(f"bin/{applet}", "busybox")
+    w.add_symlink("sbin", "bin")
+    w.add_symlink("usr/bin", "../bin")
+    w.add_symlink("usr/sbin", "../bin")
+    w.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    w.add_file("etc/group", b"root:x:0:\n")
+    if modules_root is not None and (modules_root / "lib").is_dir():
+        w.add_dir("lib")
+        _add_tree(w, modules_root / "lib", "lib")
+    return w.finish()
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold]popek images[/bold]: {message}")
+
+
+def _write_manifest(entry: Path, image: dict) -> None:
+    (entry / "image.json").write_text(json.dumps(image, indent=1) + "\n")
+
+
+def _from_entry(entry: Path) -> GuestImage:
+    data = json.loads((entry / "image.json").read_text())
+    return GuestImage(name=entry.name, kernel=entry / data["kernel"], initrd=entry / data["initrd"],
+                      system_map=entry / data["system_map"] if data["system_map"] else None, version=data["version"])
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _build_microvm(entry: Path, kernel_dir: Path, progress: bool) -> None:
+    _say(progress, "fetching busybox-static")
+    busybox = debian.fetch_busybox(entry / "work")
+    (entry / "initrd.cpio").write_bytes(make_initramfs(busybox))
+    for name in ("vmlinux", "System.map", "config", "build.log"):
+        _link_or_copy(kernel_dir / name, entry / name)
+    shutil.rmtree(entry / "work")
+    _write_manifest(entry, {"kernel": "vmlinux", "initrd": "initrd.cpio", "system_map": "System.map",
+                            "version": (kernel_dir / "release").read_text().strip()})
+
+
+def _build_debian(entry: Path, progress: bool) -> None:
+    package = debian.resolve_kernel_package()
+    _say(progress, f"fetching {package} and busybox-static")
+    work = entry / "work"
+    kernel = debian.fetch_kernel(package, work)
+    busybox = debian.fetch_busybox(work)
+    debian.copy_modules(kernel, work / "modroot")
+    (entry / "initrd.cpio").write_bytes(make_initramfs(busybox, work / "modroot"))
+    shutil.copy2(kernel.vmlinuz, entry / "vmlinuz")
+    if kernel.system_map:
+        shutil.copy2(kernel.system_map, entry / "System.map")
+    shutil.rmtree(work)
+    _write_manifest(entry, {"kernel": "vmlinuz", "initrd": "initrd.cpio",
+                            "system_map": "System.map" if kernel.system_map else None, "version": kernel.release})
+
+
+def build_image(kind: str, *, progress: bool = True, force: bool = False) -> GuestImage:
+    """Return guest image `kind` ("microvm" or "debian") from the cache, building it first if it is not there (or
+    if `force`). microvm compiles the kernel (~6-7 min on a 2-core machine; the kernel is cached on its own, keyed by
+    source version and config fragment, so an init change only rebuilds the initramfs); debian downloads
+    linux-image-cloud-amd64's kernel and modules. `progress` shows rich progress on stderr. Raises ImageError
+    (unknown kind, no apt, package not found, build failure with the log's tail)."""
+    name = image_key(kind, update=True)
+    if kind == "microvm":
+        kernel_dir = cache.get_or_build(_microvm_kernel_key(),
+                                        lambda tmp: microvm.build_kernel(tmp, progress=progress), force=force)
+        entry = cache.get_or_build(name, lambda tmp: _build_microvm(tmp, kernel_dir, progress), force=force)
+    else:
+        entry = cache.get_or_build(name, lambda tmp: _build_debian(tmp, progress), force=force)
+    return _from_entry(entry)
+
+
+def find_image(kind: str) -> GuestImage | None:
+    """The cached image `kind` for the current inputs, or None if it is not built; never builds or downloads.
+    Raises ImageError for an unknown kind or when apt cannot name the inputs' versions."""
+    entry = cache.lookup(image_key(kind, update=False))
+    return _from_entry(entry) if entry else None
