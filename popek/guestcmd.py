@@ -1,8 +1,9 @@
-"""The guest kernel command line Popek builds: console, reboot method, the init's command, emulating-KVM switches."""
+"""The contract with the guest: the kernel command line Popek builds and how the guest init reports back."""
 
 from __future__ import annotations
 
 import base64
+import re
 import shlex
 
 #: Always on: the 8250 console, reset through the i8042 (which ends the VM), and a quiet boot.
@@ -48,3 +49,8 @@ def build_cmdline(*, emulating: bool, command: list[str] | str | None = None, ap
     if append:
         args.append(append)
     return " ".join(args)
+
+
+#: The init's report for kernels without /dev/port: "ESC ] popek;PORT=VALUE BEL" on the console (an OSC sequence,
+#: which terminals ignore), meaning the same byte write to the debug port (popek/images/init).
+CONSOLE_PORT_WRITE = re.compile(rb"\x1b\]popek;(\d{1,5})=(\d{1,3})\x07")

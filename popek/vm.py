@@ -24,6 +24,7 @@ from popek.devices.pci import PciBus, PciConfigIo
 from popek.devices.rtc import Rtc
 from popek.devices.serial import Serial
 from popek.emulate import EmulationFailure, Emulator
+from popek.guestcmd import CONSOLE_PORT_WRITE
 from popek.irq import CallbackIrqLine
 from popek.kvm.system import Kvm, KvmFlavor, detect_flavor
 from popek.memory import GuestMemory
@@ -167,6 +168,7 @@ class Vm:
         self._init_output_at: int | None = None
         self._exit_output_at: int | None = None
         self._exit_status: int | None = None
+        self._marker_at: int | None = None  # where a console port-write marker began (it is not command output)
         self._panic: str | None = None
         self._result: VmResult | None = None
         self._done = threading.Event()
@@ -230,12 +232,21 @@ class Vm:
     # ---- device callbacks (vCPU threads) ---------------------------------------------------------------------------
 
     def _guest_output(self, data: bytes) -> None:
+        port_writes = []
         with self._lock:
             self._output += data
+            tail = max(0, len(self._output) - len(data) - 256)
             if self._panic is None and b"panic" in self._output[-len(data) - 64:]:
-                m = PANIC_RE.search(self._output, max(0, len(self._output) - len(data) - 256))
+                m = PANIC_RE.search(self._output, tail)
                 if m:
                     self._panic = m.group(1).decode(errors="replace").strip()
+            if b"\x07" in data:
+                for m in CONSOLE_PORT_WRITE.finditer(self._output, tail):
+                    if m.end() > len(self._output) - len(data):
+                        port_writes.append((m.start(), int(m.group(1)), int(m.group(2)) & 0xFF))
+        for start, port, value in port_writes:
+            self._marker_at = start
+            self.pio.write(port, bytes([value]))
         self.console._feed(bytes(data))
         if self._on_output:
             self._on_output(data)
@@ -245,11 +256,13 @@ class Vm:
             self.stats.init_at = time.monotonic()
             with self._lock:
                 self._init_output_at = len(self._output)
+                self._marker_at = None
 
     def _guest_exit_status(self, code: int) -> None:
         with self._lock:
             self._exit_status = code
-            self._exit_output_at = len(self._output)
+            self._exit_output_at = len(self._output) if self._marker_at is None else self._marker_at
+            self._marker_at = None
 
     def send_input(self, data: bytes) -> None:
         """Bytes typed at the guest's serial console (thread-safe)."""

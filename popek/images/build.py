@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import stat
-import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,38 +29,8 @@ APPLETS = (
 ).split()
 
 
-# x86-64 machine code of /bin/popek-outb PORT VALUE (decimal): ioperm(PORT, 1, 1), `out dx, al`, exit 0; exit 1 on a
-# wrong argument count or ioperm failure. The fallback for kernels without CONFIG_DEVPORT (Debian's cloud kernel).
-_OUTB_CODE = bytes.fromhex(
-    "48833c2403" "7542"            # cmp qword [rsp], 3 ; jne fail          (argc == 3)
-    "488b742410" "e844000000"      # mov rsi, [rsp+16] ; call parse        (argv[1])
-    "4189c4"                       # mov r12d, eax                          port
-    "488b742418" "e837000000"      # mov rsi, [rsp+24] ; call parse        (argv[2])
-    "4189c5"                       # mov r13d, eax                          value
-    "b8ad000000" "4489e7"          # mov eax, 173 (ioperm) ; mov edi, r12d
-    "be01000000" "ba01000000"      # mov esi, 1 ; mov edx, 1
-    "0f05" "85c0" "7510"           # syscall ; test eax, eax ; jnz fail
-    "4489e2" "4489e8" "ee"         # mov edx, r12d ; mov eax, r13d ; out dx, al
-    "b83c000000" "31ff" "0f05"     # mov eax, 60 (exit) ; xor edi, edi ; syscall
-    "b83c000000" "bf01000000" "0f05"  # fail: mov eax, 60 ; mov edi, 1 ; syscall
-    "31c0"                         # parse: xor eax, eax
-    "0fb60e" "83e930" "83f909"     # 1: movzx ecx, byte [rsi] ; sub ecx, '0' ; cmp ecx, 9
-    "770a" "6bc00a" "01c8"         # ja 2f ; imul eax, eax, 10 ; add eax, ecx
-    "48ffc6" "ebeb" "c3"           # inc rsi ; jmp 1b ; 2: ret
-)
 # Part of every cache key: a change to the initramfs contents below rebuilds the images.
-_INITRAMFS_LAYOUT = f"v1 popek-outb {_OUTB_CODE.hex()} applets {' '.join(APPLETS)}"
-
-
-def outb_helper_elf(base: int = 0x400000) -> bytes:
-    """A static x86-64 ELF executable (ELF-64 Object File Format: one PT_LOAD segment, R+X, at `base`) running
-    _OUTB_CODE: `popek-outb PORT VALUE` writes byte VALUE to I/O port PORT from user mode after ioperm(2)."""
-    code_offset = 64 + 56
-    size = code_offset + len(_OUTB_CODE)
-    ehdr = struct.pack("<4sBBBBB7xHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, 2, 0x3E, 1, base + code_offset,
-                       64, 0, 0, 64, 56, 1, 0, 0, 0)
-    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)
-    return ehdr + phdr + _OUTB_CODE
+_INITRAMFS_LAYOUT = f"v2 applets {' '.join(APPLETS)}"
 
 
 @dataclass(frozen=True)
@@ -129,7 +98,7 @@ def _add_tree(writer: CpioWriter, root: Path, prefix: str) -> None:
 
 def make_initramfs(busybox: Path, modules_root: Path | None = None, init: Path = INIT) -> bytes:
     """The guest initramfs as uncompressed newc cpio bytes: /init (`init`, mode 0755), /bin/busybox with symlinks
-    for APPLETS, /bin/popek-outb (outb_helper_elf), /sbin, /usr/bin, /usr/sbin -> bin, /dev/console (c 5:1, the console before devtmpfs), empty /proc
+    for APPLETS, /sbin, /usr/bin, /usr/sbin -> bin, /dev/console (c 5:1, the console before devtmpfs), empty /proc
     /sys /dev /tmp /root /run, /etc/passwd and /etc/group for root, and, if `modules_root` is given, its lib/ tree
     (lib/modules/<release>/...). Raises ImageError if the busybox binary lacks a listed applet."""
     have = _busybox_applets(busybox)
@@ -142,7 +111,6 @@ def make_initramfs(busybox: Path, modules_root: Path | None = None, init: Path =
     w.add_device("dev/console", "c", 5, 1, 0o600)
     w.add_file("init", init.read_bytes(), 0o755)
     w.add_file("bin/busybox", busybox.read_bytes(), 0o755)
-    w.add_file("bin/popek-outb", outb_helper_elf(), 0o755)
     for applet in APPLETS:
         w.add_symlink(f"bin/{applet}", "busybox")
     w.add_symlink("sbin", "bin")

@@ -1,7 +1,6 @@
 """Guest image builds without building: cache keys, atomic cache entries, initramfs layout, init and config files."""
 
 import lzma
-import platform
 import shutil
 import stat
 import subprocess
@@ -11,7 +10,7 @@ import pytest
 import zstandard
 
 from popek.images import build, cache, debian, microvm
-from popek.images.build import ImageError, image_key, make_initramfs, outb_helper_elf
+from popek.images.build import ImageError, image_key, make_initramfs
 
 
 @pytest.fixture
@@ -211,7 +210,6 @@ def test_initramfs_holds_init_busybox_applets_console_and_empty_dirs(tmp_path):
     assert stat.S_ISCHR(mode) and (major, minor) == (5, 1)
     for d in ("proc", "sys", "dev", "tmp", "root"):
         assert stat.S_ISDIR(entries[d][0])
-    assert entries["bin/popek-outb"][3] == outb_helper_elf()
     assert not any(name.startswith("lib") for name in entries)
 
 
@@ -239,16 +237,6 @@ def test_module_dependencies_come_from_modinfo_depends(tmp_path):
     (src / "m.c").write_text('__attribute__((section(".modinfo"))) const char d[] = "license=GPL\\0depends=virtio,virtio_ring";\n')
     subprocess.run(["gcc", "-c", "-o", str(src / "m.ko"), str(src / "m.c")], check=True)
     assert debian._ko_dependencies((src / "m.ko").read_bytes()) == ["virtio", "virtio_ring"]
-
-
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="the helper is x86-64 code")
-def test_outb_helper_is_an_executable_that_rejects_a_wrong_argument_count(tmp_path):
-    helper = tmp_path / "popek-outb"
-    helper.write_bytes(outb_helper_elf())
-    helper.chmod(0o755)
-    # Only the argument check is run on the host: with two arguments it would really write a host I/O port.
-    assert subprocess.run([str(helper)]).returncode == 1
-    assert subprocess.run([str(helper), "1284"]).returncode == 1
 
 
 def test_initramfs_adds_module_directories_before_their_contents(tmp_path):
