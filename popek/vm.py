@@ -41,6 +41,9 @@ DEBUG_PORT = 0x504
 #: Debug-port boot events the guest init reports (popek/images/init).
 EVENT_INIT_STARTED = 1
 
+#: How often the SYSCALL repair re-reads each vCPU's IDT and LSTAR (seconds).
+REPAIR_POLL_S = 0.05
+
 #: Below this the kernels Popek builds do not reach init.
 MIN_MEMORY = 32 << 20
 
@@ -175,6 +178,7 @@ class Vm:
         self._lock = threading.Lock()
         self.console = ConsoleStream(self.send_input)
         self.vcpus: list[Vcpu] = []
+        self._last_poll = [0.0] * config.cpus
         self.memory: GuestMemory | None = None
         self._kvm = None
         self._vm = None
@@ -218,16 +222,12 @@ class Vm:
         supported = self._kvm.supported_cpuid()
         for i in range(cfg.cpus):
             fd = vm.create_vcpu(i)
-            setup_cpuid(fd, supported, i, cfg.cpus)
+            setup_cpuid(fd, supported, cfg.cpus)
             setup_msrs(fd)
             setup_lapic(fd)
             if i == 0:
                 setup_long_mode(self.memory, fd, rip=self.boot.entry, rsi=self.boot.boot_params)
-            self.vcpus.append(Vcpu(fd, self.pio, self.mmio,
-                                   on_internal_error=self._on_internal_error,
-                                   on_debug=self._on_debug,
-                                   on_exit_poll=self._on_exit_poll,
-                                   on_stop=self._on_vcpu_stop))
+            self.vcpus.append(Vcpu(fd, self.pio, self.mmio, handlers=self))
 
     # ---- device callbacks (vCPU threads) ---------------------------------------------------------------------------
 
@@ -268,23 +268,29 @@ class Vm:
         """Bytes typed at the guest's serial console (thread-safe)."""
         self.serial.enqueue_input(data)
 
-    # ---- vCPU hooks ------------------------------------------------------------------------------------------------
+    # ---- vCPU hooks (popek.vcpu.VcpuHandlers; called on the vCPU threads) ----------------------------------------
 
-    def _on_internal_error(self, vcpu: Vcpu, exit) -> bool:
+    def on_internal_error(self, vcpu: Vcpu, exit) -> bool:
         try:
             return self.emulator.handle(vcpu.fd, exit)
         except EmulationFailure as e:
             self._end("error", str(e))
             return False
 
-    def _on_debug(self, vcpu: Vcpu, exit) -> bool:
+    def on_debug(self, vcpu: Vcpu, exit) -> bool:
         return self.repair is not None and self.repair.on_debug(vcpu.fd, exit)
 
-    def _on_exit_poll(self, vcpu: Vcpu) -> None:
+    def on_exit_poll(self, vcpu: Vcpu) -> None:
+        # The repair's poll costs two ioctls; exits come at up to ~100k/s (serial output), the guest changes its
+        # IDT/LSTAR a handful of times in a boot: poll at most every REPAIR_POLL_S per vCPU (the kicker below
+        # guarantees an exit at least that often).
         if self.repair is not None:
-            self.repair.poll(vcpu.fd)
+            now = time.monotonic()
+            if now - self._last_poll[vcpu.index] >= REPAIR_POLL_S:
+                self._last_poll[vcpu.index] = now
+                self.repair.poll(vcpu.fd)
 
-    def _on_vcpu_stop(self, vcpu: Vcpu, reason: str, detail: str) -> None:
+    def on_stop(self, vcpu: Vcpu, reason: str, detail: str) -> None:
         if reason != "stopped":
             self._end(reason, detail)
 
@@ -305,7 +311,7 @@ class Vm:
     def _poll_kicker(self) -> None:
         # The SYSCALL repair must notice when the guest installs its IDT and LSTAR, which cause no exit by
         # themselves: kick each vCPU now and then so on_exit_poll runs (cheap: one exit per vCPU per period).
-        while not self._done.wait(0.1):
+        while not self._done.wait(REPAIR_POLL_S):
             if self.state is VmState.RUNNING:
                 for v in self.vcpus:
                     v.kick()
@@ -328,8 +334,7 @@ class Vm:
         if not self._done.wait(timeout):
             return None
         for v in self.vcpus:
-            if v.started:
-                v.join()
+            v.join()
         self._finish()
         return self._result
 
@@ -375,7 +380,7 @@ class Vm:
 
     def close(self) -> None:
         for v in self.vcpus:
-            v.close()
+            v.fd.close()
         self.vcpus.clear()
         for obj in (self._vm, self._kvm):
             if obj is not None:
