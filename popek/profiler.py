@@ -57,7 +57,7 @@ class Profiler:
     """
 
     def __init__(self, vcpus, interval: float = 0.02):
-        self.vcpus = vcpus
+        self.vcpus = list(vcpus)  # the VM empties its own list when it closes; the samples stay readable
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="popek-profiler", daemon=True)
