@@ -322,8 +322,8 @@ class Vm:
                 return
             if reason in ("reset", "shutdown") and self._panic is not None:
                 reason, detail = "panic", f"guest kernel panic: {self._panic}"
-            elif reason == "reset" and self._exit_status is not None:
-                reason = "exit"
+            elif reason in ("reset", "shutdown") and self._exit_status is not None:
+                reason = "exit"  # the init reported its command's status, then rebooted (reboot=k, or triple fault)
             self._result = VmResult(reason, self._exit_status, detail)
         self._done.set()
         for v in self.vcpus:
