@@ -135,15 +135,20 @@ def main() -> None:
 
     ref = next((med([r.init_s for r in row.runs]) for row in rows if row.name == "popek"), None)
     t = Table(title=f"boot to init: {kernel.name}, {args.memory}, KVM flavour {flavor.name}")
-    for col in ("VMM", "runs", "init (median s)", "exit (median s)", "init vs Popek", "peak RSS MiB", "note"):
+    for col in ("VMM", "runs", "init s (median)", "exit s (median)", "init time / Popek's", "peak RSS MiB", "note"):
         t.add_column(col)
+    stuck = []
     for row in rows:
         mi, me = med([r.init_s for r in row.runs]), med([r.exit_s for r in row.runs])
-        ratio = f"{mi / ref:.2f}x" if mi and ref else "-"
-        note = "" if all(r.ok for r in row.runs) else f"did not reach init; last line: {row.runs[-1].last_line}"
+        ratio = f"{mi / ref:.2f}" if mi and ref else "-"
+        note = "" if all(r.ok for r in row.runs) else "did not reach init"
+        if note:
+            stuck.append(f"{row.name} stopped at: {row.runs[-1].last_line}")
         t.add_row(row.name, str(len(row.runs)), f"{mi:.2f}" if mi else "-", f"{me:.2f}" if me else "-", ratio,
                   f"{max(r.rss_mib for r in row.runs):.1f}", note)
-    Console().print(t)
+    Console(width=120).print(t)
+    for line in stuck:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -39,3 +39,10 @@ def test_python_api_returns_command_output_only_and_status():
     lines = [ln.strip() for ln in r.output.splitlines() if ln.strip()]
     assert lines == ["hello-from-guest", "2"], r.console[-3000:]
     assert r.stats.init_at is not None
+
+
+def test_debian_cloud_kernel_unmodified_runs_uname_r():
+    """Debian's own cloud kernel (about 4 minutes to init on an emulating KVM)."""
+    p = popek_run("--kernel", "debian", "--", "uname", "-r")
+    assert p.returncode == 0, p.stderr[-2000:] + p.stdout[-3000:]
+    assert "cloud-amd64" in p.stdout
