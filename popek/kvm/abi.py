@@ -484,3 +484,83 @@ assert KVM_SET_USER_MEMORY_REGION == 0x4020AE46 and KVM_GET_SUPPORTED_CPUID == 0
 #: ioctl number -> name, for error messages.
 IOCTL_NAMES = {v: k for k, v in dict(globals()).items() if k.startswith("KVM_") and k not in _BEFORE_IOCTLS}
 del _BEFORE_IOCTLS
+
+# --- interrupt routing, irqfd, ioeventfd, MSI (linux/kvm.h; api.rst KVM_SET_GSI_ROUTING, KVM_IRQFD, KVM_IOEVENTFD,
+# KVM_SIGNAL_MSI) --------------------------------------------------------------------------------------------
+KVM_CAP_SIGNAL_MSI = 77
+KVM_CAP_IRQFD_RESAMPLE = 82
+KVM_CAP_IOEVENTFD_NO_LENGTH = 100
+KVM_CAP_IOEVENTFD_ANY_LENGTH = 122
+
+KVM_IRQ_ROUTING_IRQCHIP = 1
+KVM_IRQ_ROUTING_MSI = 2
+
+KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
+KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
+
+KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
+KVM_IOEVENTFD_FLAG_PIO = 1 << 1
+KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
+
+
+class kvm_irq_routing_irqchip(Structure):
+    """A route to an in-kernel irqchip pin: ``irqchip`` KVM_IRQCHIP_PIC_MASTER/PIC_SLAVE/IOAPIC, ``pin``; 8 bytes."""
+    _fields_ = [("irqchip", u32), ("pin", u32)]
+
+
+class kvm_irq_routing_msi(Structure):
+    """A route that sends an MSI: the message address (low/high dwords) and data; ``devid`` unused on x86; 16 bytes."""
+    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("devid", u32)]
+
+
+class _irq_routing_union(Union):
+    _fields_ = [("irqchip", kvm_irq_routing_irqchip), ("msi", kvm_irq_routing_msi), ("pad", u32 * 8)]
+
+
+class kvm_irq_routing_entry(Structure):
+    """One GSI route (``type`` KVM_IRQ_ROUTING_IRQCHIP or KVM_IRQ_ROUTING_MSI, payload in ``u``), 48 bytes."""
+    _fields_ = [("gsi", u32), ("type", u32), ("flags", u32), ("pad", u32), ("u", _irq_routing_union)]
+
+
+class kvm_irq_routing(Structure):
+    """KVM_SET_GSI_ROUTING header (8 bytes); ``kvm_irq_routing_n(n)`` has ``entries[n]``."""
+    _fields_ = [("nr", u32), ("flags", u32)]
+
+
+def kvm_irq_routing_n(n: int) -> type[Structure]:
+    """A kvm_irq_routing structure type with a fixed ``entries[n]`` array (the header's flexible array)."""
+    return type(f"kvm_irq_routing_{n}", (Structure,),
+                {"_fields_": [("nr", u32), ("flags", u32), ("entries", kvm_irq_routing_entry * n)]})
+
+
+class kvm_irqfd(Structure):
+    """KVM_IRQFD: eventfd ``fd`` injects GSI ``gsi``; ``resamplefd`` with KVM_IRQFD_FLAG_RESAMPLE; 32 bytes."""
+    _fields_ = [("fd", u32), ("gsi", u32), ("flags", u32), ("resamplefd", u32), ("pad", u8 * 16)]
+
+
+class kvm_ioeventfd(Structure):
+    """KVM_IOEVENTFD: a guest write of ``len`` bytes (0 = any) at ``addr`` (MMIO, or PIO with the flag) signals
+    eventfd ``fd`` instead of exiting; with KVM_IOEVENTFD_FLAG_DATAMATCH only if the value equals ``datamatch``;
+    64 bytes."""
+    _fields_ = [("datamatch", u64), ("addr", u64), ("len", u32), ("fd", ctypes.c_int32), ("flags", u32),
+                ("pad", u8 * 36)]
+
+
+class kvm_msi(Structure):
+    """KVM_SIGNAL_MSI: inject one MSI (address low/high, data); ``flags``/``devid`` unused on x86; 32 bytes."""
+    _fields_ = [("address_lo", u32), ("address_hi", u32), ("data", u32), ("flags", u32), ("devid", u32),
+                ("pad", u8 * 12)]
+
+
+for _t, _n in {kvm_irq_routing_irqchip: 8, kvm_irq_routing_msi: 16, kvm_irq_routing_entry: 48, kvm_irq_routing: 8,
+               kvm_irqfd: 32, kvm_ioeventfd: 64, kvm_msi: 32}.items():
+    assert sizeof(_t) == _n, f"{_t.__name__} is {sizeof(_t)} bytes, the kernel ABI says {_n}"
+assert kvm_irq_routing_entry.u.offset == 16 and kvm_ioeventfd.flags.offset == 24
+del _t, _n
+
+KVM_SET_GSI_ROUTING = _IOW(KVMIO, 0x6A, kvm_irq_routing)
+KVM_IRQFD = _IOW(KVMIO, 0x76, kvm_irqfd)
+KVM_IOEVENTFD = _IOW(KVMIO, 0x79, kvm_ioeventfd)
+KVM_SIGNAL_MSI = _IOW(KVMIO, 0xA5, kvm_msi)
+IOCTL_NAMES.update({KVM_SET_GSI_ROUTING: "KVM_SET_GSI_ROUTING", KVM_IRQFD: "KVM_IRQFD",
+                    KVM_IOEVENTFD: "KVM_IOEVENTFD", KVM_SIGNAL_MSI: "KVM_SIGNAL_MSI"})

@@ -17,7 +17,9 @@ STRUCTS = ["kvm_regs", "kvm_segment", "kvm_dtable", "kvm_sregs", "kvm_fpu", "kvm
            "kvm_cpuid_entry2", "kvm_cpuid2", "kvm_lapic_state", "kvm_debug_exit_arch", "kvm_guest_debug_arch",
            "kvm_vcpu_events", "kvm_debugregs", "kvm_xsave", "kvm_xcrs", "kvm_pit_channel_state", "kvm_pit_state2",
            "kvm_pic_state", "kvm_ioapic_state", "kvm_irqchip", "kvm_userspace_memory_region", "kvm_irq_level",
-           "kvm_pit_config", "kvm_guest_debug", "kvm_mp_state", "kvm_clock_data", "kvm_dirty_log", "kvm_run"]
+           "kvm_pit_config", "kvm_guest_debug", "kvm_mp_state", "kvm_clock_data", "kvm_dirty_log", "kvm_run",
+           "kvm_irq_routing_irqchip", "kvm_irq_routing_msi", "kvm_irq_routing_entry", "kvm_irq_routing", "kvm_irqfd",
+           "kvm_ioeventfd", "kvm_msi"]
 
 # (struct, C member designator, Python attribute path)
 OFFSETS = [
@@ -68,6 +70,12 @@ OFFSETS = [
     ("kvm_pit_state2", "flags", "flags"),
     ("kvm_clock_data", "realtime", "realtime"),
     ("kvm_xcrs", "padding", "padding"),
+    ("kvm_irq_routing_entry", "u", "u"),
+    ("kvm_irq_routing_entry", "u.msi.data", "u.msi.data"),
+    ("kvm_irqfd", "resamplefd", "resamplefd"),
+    ("kvm_ioeventfd", "fd", "fd"),
+    ("kvm_ioeventfd", "flags", "flags"),
+    ("kvm_msi", "devid", "devid"),
 ]
 
 IOCTLS = sorted(k for k in dir(abi) if k.startswith("KVM_") and getattr(abi, k) in abi.IOCTL_NAMES
@@ -75,7 +83,8 @@ IOCTLS = sorted(k for k in dir(abi) if k.startswith("KVM_") and getattr(abi, k) 
 
 CONSTANTS = sorted(k for k in dir(abi) if k.startswith(("KVM_EXIT_", "KVM_CAP_", "KVM_GUESTDBG_", "KVM_MP_STATE_",
                                                           "KVM_SYSTEM_EVENT_", "KVM_INTERNAL_ERROR_", "KVM_MEM_",
-                                                          "KVM_IRQCHIP_", "KVM_VCPUEVENT_")))
+                                                          "KVM_IRQCHIP_", "KVM_VCPUEVENT_", "KVM_IRQ_ROUTING_",
+                                                          "KVM_IRQFD_FLAG_", "KVM_IOEVENTFD_FLAG_")))
 
 
 @pytest.fixture(scope="module")
