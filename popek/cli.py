@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 
@@ -63,20 +64,26 @@ def run(kernel, initrd, append, memory, cpus, stats, stats_json, profile, profil
                 extract_payload=not no_extract)
     except _bad_input_errors() as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted before the VM started", 130)
     smap_path = system_map or vm.system_map
     profiler = Profiler(vm.vcpus, profile_interval) if profile else None
     interactive = not command
     console = Console(sys.stdin.fileno(), out, on_input=vm.send_input, on_quit=vm.stop_async) if interactive else None
-    result = None
+    result, interrupted = None, False
     try:
         if console:
             console.start()
         vm.start()
         if profiler:
             profiler.start()
-        result = vm.wait()
+        # Wait in short slices: SIGINT may be delivered to a vCPU thread, and Python runs its handler (raising
+        # KeyboardInterrupt here) only when the main thread next executes bytecode.
+        while (result := vm.wait(0.2)) is None:
+            pass
     except KeyboardInterrupt:
-        result = vm.stop()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not break the clean stop
+        result, interrupted = vm.stop(), True
         click.echo("\npopek: interrupted; VM stopped", err=True)
     finally:
         if profiler:
@@ -89,7 +96,7 @@ def run(kernel, initrd, append, memory, cpus, stats, stats_json, profile, profil
         _print_profile(profiler.report(smap))
     if stats or stats_json:
         _print_stats(vm.stats.as_dict(), as_json=stats_json)
-    sys.exit(_exit_code(result, interactive))
+    sys.exit(130 if interrupted else _exit_code(result, interactive))
 
 
 def _exit_code(result, interactive: bool) -> int:

@@ -155,3 +155,44 @@ class GuestMemory:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, regions: list[tuple[int, int]], private: bool = True) -> "GuestMemory":
+        """RAM mapped from a file holding the ``(gpa, size)`` regions back to back from offset 0 (a snapshot memory
+        file, popek.snapshot); bytes after the last region (e.g. a trailer) are not mapped.
+
+        ``private``: MAP_PRIVATE (mmap(2)): pages load lazily from the file and a guest or VMM write copies the page,
+        so the file never changes and VMs restored from one file share its unwritten pages in the page cache; the
+        file is opened read-only and each region's ``fd`` is that file, not a memfd. ``private=False``: MAP_SHARED
+        on a file opened read-write: writes go to the file.
+        :raises GuestMemoryError: for misaligned or overlapping regions, or a file shorter than the regions;
+            OSError if the file cannot be opened.
+        """
+        spans = list(regions)
+        ordered = sorted(spans)
+        for (a, asz), (b, _) in zip(ordered, ordered[1:]):
+            if a + asz > b:
+                raise GuestMemoryError(f"regions {a:#x}+{asz:#x} and {b:#x} overlap")
+        fd = os.open(path, (os.O_RDONLY if private else os.O_RDWR) | os.O_CLOEXEC)
+        self = cls.__new__(cls)
+        self.regions = []
+        try:
+            need = sum(size for _, size in spans)
+            have = os.fstat(fd).st_size
+            if have < need:
+                raise GuestMemoryError(f"{path}: {have} bytes, the memory regions need {need}")
+            offset = 0
+            for gpa, size in spans:
+                if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+                    raise GuestMemoryError(f"region {gpa:#x}+{size:#x} is not page aligned")
+                m = mmap.mmap(fd, size, mmap.MAP_PRIVATE if private else mmap.MAP_SHARED,
+                              mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+                self.regions.append(GuestRegion(gpa, size, fd=os.dup(fd), map=m))
+                offset += size
+            self.regions.sort(key=lambda r: r.gpa)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            os.close(fd)
+        return self

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from popek.boot.linux import ELF_CMDLINE_MAX, BootError
 from popek.guestcmd import build_cmdline
-from popek.kvm.system import detect_flavor
-from popek.vm import Vm, VmConfig, VmResult, VmStats
+from popek.kvm.system import Kvm, detect_flavor
+from popek.vm import Vm, VmConfig, VmResult, VmStats, check_resources
 
 #: The guest `popek run` boots when no kernel is named; README says why (measured boot times).
 DEFAULT_KERNEL = "microvm"
@@ -41,6 +43,29 @@ def resolve_guest(kernel: str | Path | None, initrd: str | Path | None, *, progr
     return Path(kernel), Path(initrd) if initrd else None, None
 
 
+def check_inputs(kernel: str | Path | None, initrd: str | Path | None, memory: int, cpus: int, cmdline: str) -> None:
+    """Refuse what would fail later, before any slow work (an image build): bad memory/vCPU counts
+    (``popek.vm.check_resources``), a command line longer than x86's COMMAND_LINE_SIZE - 1 (2047 bytes) for a Popek
+    image (a kernel path is checked against its own setup header by ``load_linux``), an initrd that cannot be read
+    or is larger than guest memory, and an unusable KVM device (``popek.kvm.system.Kvm``).
+
+    :raises popek.vm.VmError, popek.boot.linux.BootError, popek.kvm.system.KvmError: saying what and why.
+    """
+    check_resources(memory, cpus)
+    if (kernel is None or str(kernel) in IMAGE_KINDS) and len(cmdline.encode()) > ELF_CMDLINE_MAX:
+        raise BootError(f"command line is {len(cmdline.encode())} bytes; Linux on x86 accepts at most "
+                        f"{ELF_CMDLINE_MAX}")
+    if initrd is not None:
+        try:
+            with open(initrd, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+        except OSError as e:
+            raise BootError(f"cannot read initrd {initrd}: {e.strerror or e}") from None
+        if size > memory:
+            raise BootError(f"initrd of {size / (1 << 20):.1f} MiB does not fit in {memory >> 20} MiB of guest memory")
+    Kvm().close()
+
+
 class VM(Vm):
     """A guest ready to run one command (or an interactive shell).
 
@@ -57,10 +82,12 @@ class VM(Vm):
                  initrd: str | Path | None = None, memory: str | int = "256M", cpus: int = 1, append: str = "",
                  on_output: Callable[[bytes], None] | None = None, progress: bool = False,
                  extract_payload: bool = True):
-        kpath, ipath, self.system_map = resolve_guest(kernel, initrd, progress=progress)
+        memory = parse_size(memory)
         flavor = detect_flavor()
         cmdline = build_cmdline(emulating=flavor.emulating_cpl0, command=command, append=append)
-        super().__init__(VmConfig(kernel=kpath, initrd=ipath, cmdline=cmdline, memory=parse_size(memory), cpus=cpus,
+        check_inputs(kernel, initrd, memory, cpus, cmdline)
+        kpath, ipath, self.system_map = resolve_guest(kernel, initrd, progress=progress)
+        super().__init__(VmConfig(kernel=kpath, initrd=ipath, cmdline=cmdline, memory=memory, cpus=cpus,
                                   extract_payload=extract_payload),
                          on_output=on_output, flavor=flavor)
 

@@ -47,11 +47,25 @@ REPAIR_POLL_S = 0.05
 #: Below this the kernels Popek builds do not reach init.
 MIN_MEMORY = 32 << 20
 
-PANIC_RE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)")
+#: A whole panic line (the serial port delivers output a byte at a time: wait for the line's end).
+PANIC_RE = re.compile(rb"Kernel panic - not syncing: ([^\r\n]*)[\r\n]")
 
 
 class VmError(RuntimeError):
     """A VM that cannot be built or run (bad configuration, a KVM failure, a guest the VMM cannot continue)."""
+
+
+def check_resources(memory: int, cpus: int) -> None:
+    """Refuse guest RAM (bytes) below ``MIN_MEMORY`` or not a multiple of 4 KiB, and vCPU counts outside 1-254.
+
+    :raises VmError: saying which value and why.
+    """
+    if memory < MIN_MEMORY:
+        raise VmError(f"{memory / (1 << 20):g} MiB of guest memory is below the {MIN_MEMORY >> 20} MiB a kernel needs")
+    if memory % 4096:
+        raise VmError(f"guest memory of {memory} bytes is not a multiple of the 4 KiB page size")
+    if not 1 <= cpus <= 254:
+        raise VmError(f"{cpus} vCPUs: Popek supports 1 to 254")
 
 
 class VmState(enum.Enum):
@@ -158,10 +172,7 @@ class Vm:
 
     def __init__(self, config: VmConfig, *, on_output: Callable[[bytes], None] | None = None,
                  flavor: KvmFlavor | None = None):
-        if config.memory < MIN_MEMORY:
-            raise VmError(f"{config.memory >> 20} MiB of guest memory is below the {MIN_MEMORY >> 20} MiB a kernel needs")
-        if not 1 <= config.cpus <= 254:
-            raise VmError(f"{config.cpus} vCPUs: Popek supports 1 to 254")
+        check_resources(config.memory, config.cpus)
         self.config = config
         self.flavor = flavor or detect_flavor()
         self.state = VmState.CREATED
@@ -198,7 +209,10 @@ class Vm:
         vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
         vm.create_irqchip()
         vm.create_pit2()
-        self.memory = GuestMemory.x86(cfg.memory)
+        try:
+            self.memory = GuestMemory.x86(cfg.memory)
+        except OSError as e:
+            raise VmError(f"cannot allocate {cfg.memory >> 20} MiB of guest memory: {e.strerror}") from None
         for slot, region in enumerate(self.memory.regions):
             vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
 
@@ -222,12 +236,12 @@ class Vm:
         supported = self._kvm.supported_cpuid()
         for i in range(cfg.cpus):
             fd = vm.create_vcpu(i)
+            self.vcpus.append(Vcpu(fd, self.pio, self.mmio, handlers=self))  # first, so close() releases it
             setup_cpuid(fd, supported, cfg.cpus)
             setup_msrs(fd)
             setup_lapic(fd)
             if i == 0:
                 setup_long_mode(self.memory, fd, rip=self.boot.entry, rsi=self.boot.boot_params)
-            self.vcpus.append(Vcpu(fd, self.pio, self.mmio, handlers=self))
 
     # ---- device callbacks (vCPU threads) ---------------------------------------------------------------------------
 
@@ -236,7 +250,7 @@ class Vm:
         with self._lock:
             self._output += data
             tail = max(0, len(self._output) - len(data) - 256)
-            if self._panic is None and b"panic" in self._output[-len(data) - 64:]:
+            if self._panic is None and self._output.find(b"panic", tail) >= 0:
                 m = PANIC_RE.search(self._output, tail)
                 if m:
                     self._panic = m.group(1).decode(errors="replace").strip()

@@ -172,7 +172,7 @@ def detect_flavor(sys_module: str = "/sys/module", cpuinfo: str = "/proc/cpuinfo
 
 # --- /dev/kvm ----------------------------------------------------------------------------------------------
 class Kvm:
-    """The KVM system fd (/dev/kvm).
+    """The KVM system fd (``path``; default $POPEK_KVM_DEVICE, else /dev/kvm).
 
     :raises KvmError: one line saying why: /dev/kvm missing, no permission, API version not 12, or a capability in
         ``REQUIRED_CAPS`` missing (api.rst 4.1 KVM_GET_API_VERSION, 4.4 KVM_CHECK_EXTENSION).
@@ -184,7 +184,8 @@ class Kvm:
                      abi.KVM_CAP_IMMEDIATE_EXIT: "KVM_CAP_IMMEDIATE_EXIT", abi.KVM_CAP_PIT2: "KVM_CAP_PIT2",
                      abi.KVM_CAP_SET_GUEST_DEBUG: "KVM_CAP_SET_GUEST_DEBUG"}
 
-    def __init__(self, path: str = "/dev/kvm"):
+    def __init__(self, path: str | None = None):
+        path = path or os.environ.get("POPEK_KVM_DEVICE", "/dev/kvm")
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -194,7 +195,10 @@ class Kvm:
         except OSError as e:
             raise KvmError(f"cannot open {path}: {e.strerror}", e.errno) from None
         try:
-            self.api_version = ioctl(self.fd, abi.KVM_GET_API_VERSION)
+            try:
+                self.api_version = ioctl(self.fd, abi.KVM_GET_API_VERSION)
+            except KvmError as e:
+                raise KvmError(f"{path} is not a KVM device: {e}", e.errno) from None
             if self.api_version != abi.KVM_API_VERSION:
                 raise KvmError(f"{path}: KVM API version {self.api_version}, Popek needs {abi.KVM_API_VERSION}")
             missing = [name for cap, name in self.REQUIRED_CAPS.items() if self.check_extension(cap) <= 0]
@@ -239,6 +243,21 @@ class Kvm:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def get_msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSR indices KVM saves and restores for guests (api.rst 4.3), growing the
+        buffer on E2BIG. Some may still be refused by KVM_GET_MSRS on a given vCPU (guest CPUID dependent)."""
+        n = 0
+        while True:
+            buf = (ctypes.c_uint32 * (n + 1))(n)  # struct kvm_msr_list: __u32 nmsrs; __u32 indices[nmsrs]
+            try:
+                ioctl(self.fd, abi.KVM_GET_MSR_INDEX_LIST, buf)
+            except KvmError as e:
+                if e.errno == errno.E2BIG and buf[0] > n:
+                    n = buf[0]
+                    continue
+                raise
+            return list(buf[1:1 + buf[0]])
 
 
 # --- VM fd -------------------------------------------------------------------------------------------------
@@ -329,6 +348,52 @@ class VmFd:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def set_gsi_routing(self, entries: list[abi.kvm_irq_routing_entry]) -> None:
+        """KVM_SET_GSI_ROUTING: replace the whole GSI routing table with ``entries`` (KVM_CAP_IRQ_ROUTING).
+
+        Replaces KVM's default routes too (GSI 0-15 to PIC and IOAPIC, 16-23 to the IOAPIC): include them.
+        :raises KvmError: EINVAL for a bad entry, more entries than KVM_CAP_IRQ_ROUTING allows, or no irqchip.
+        """
+        buf = abi.kvm_irq_routing_n(len(entries))()
+        buf.nr = len(entries)
+        for i, e in enumerate(entries):
+            buf.entries[i] = e
+        ioctl(self.fd, abi.KVM_SET_GSI_ROUTING, buf)
+
+    def irqfd(self, fd: int, gsi: int, deassign: bool = False, resample_fd: int | None = None) -> None:
+        """KVM_IRQFD: a write to eventfd ``fd`` injects GSI ``gsi`` (KVM_CAP_IRQFD); ``deassign`` unbinds it.
+
+        With ``resample_fd`` (KVM_IRQFD_FLAG_RESAMPLE, KVM_CAP_IRQFD_RESAMPLE) the GSI acts as a level: KVM
+        lowers it when the guest EOIs and then signals ``resample_fd`` so the device can re-assert.
+        :raises KvmError: e.g. EBUSY if ``fd`` is already bound, ENOENT deassigning an unbound one.
+        """
+        flags = (abi.KVM_IRQFD_FLAG_DEASSIGN if deassign else 0) | \
+            (abi.KVM_IRQFD_FLAG_RESAMPLE if resample_fd is not None else 0)
+        ioctl(self.fd, abi.KVM_IRQFD, abi.kvm_irqfd(fd=fd, gsi=gsi, flags=flags, resamplefd=resample_fd or 0))
+
+    def ioeventfd(self, fd: int, addr: int, length: int, *, pio: bool = False, datamatch: int | None = None,
+                  deassign: bool = False) -> None:
+        """KVM_IOEVENTFD: a guest write of ``length`` bytes (1, 2, 4, 8; 0 = any, KVM_CAP_IOEVENTFD_ANY_LENGTH) at
+        guest physical ``addr`` (or port ``addr`` with ``pio``) signals eventfd ``fd`` and does not exit to user
+        space; with ``datamatch`` only writes of that value do. ``deassign`` removes a registration made with the
+        same arguments (KVM_CAP_IOEVENTFD).
+
+        :raises KvmError: EEXIST for a duplicate, ENOENT deassigning an unknown one, EINVAL for a bad length.
+        """
+        flags = (abi.KVM_IOEVENTFD_FLAG_PIO if pio else 0) | (abi.KVM_IOEVENTFD_FLAG_DEASSIGN if deassign else 0) | \
+            (abi.KVM_IOEVENTFD_FLAG_DATAMATCH if datamatch is not None else 0)
+        ioctl(self.fd, abi.KVM_IOEVENTFD, abi.kvm_ioeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=fd,
+                                                             flags=flags))
+
+    def signal_msi(self, address: int, data: int) -> int:
+        """KVM_SIGNAL_MSI: inject one MSI with 64-bit message ``address`` and 32-bit ``data`` (KVM_CAP_SIGNAL_MSI).
+
+        :returns: > 0 delivered to that many vCPUs, 0 if the guest blocked it (e.g. its local APIC is disabled).
+        :raises KvmError: EPERM if no vCPU has the destination APIC ID, other errors e.g. without an irqchip.
+        """
+        return ioctl(self.fd, abi.KVM_SIGNAL_MSI, abi.kvm_msi(address_lo=address & 0xFFFF_FFFF,
+                                                              address_hi=address >> 32, data=data))
 
 
 # --- vCPU fd -----------------------------------------------------------------------------------------------
@@ -577,3 +642,54 @@ class VcpuFd:
             self._map.close()
             os.close(self.fd)
             self.fd = -1
+
+    # state save/restore (api.rst: KVM_GET/SET_TSC_KHZ, KVM_GET_XSAVE2, KVM_SET_XSAVE, KVM_GET_NESTED_STATE) ----------
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the guest TSC frequency in kHz (needs KVM_CAP_GET_TSC_KHZ)."""
+        return _named_ioctl(self.fd, KVM_GET_TSC_KHZ, "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ: run the guest TSC at ``khz`` kHz (KVM scales it if KVM_CAP_TSC_CONTROL; it refuses a
+        frequency it cannot provide with EINVAL)."""
+        _named_ioctl(self.fd, KVM_SET_TSC_KHZ, "KVM_SET_TSC_KHZ", khz)
+
+    def get_xsave2(self, size: int) -> bytes:
+        """KVM_GET_XSAVE2: the XSAVE area of ``size`` bytes, ``size`` = KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2) on the VM
+        fd (larger than 4096 when dynamic features such as AMX are enabled)."""
+        buf = (ctypes.c_uint8 * max(size, 4096))()
+        _named_ioctl(self.fd, KVM_GET_XSAVE2, "KVM_GET_XSAVE2", buf)
+        return bytes(buf)
+
+    def set_xsave_area(self, data: bytes) -> None:
+        """KVM_SET_XSAVE from raw bytes: 4096 bytes, or the KVM_CAP_XSAVE2 size when that is larger (api.rst
+        KVM_SET_XSAVE: KVM copies as many bytes as the vCPU's XSAVE area needs)."""
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        _named_ioctl(self.fd, abi.KVM_SET_XSAVE, "KVM_SET_XSAVE", buf)
+
+    def get_nested_state(self, max_size: int) -> bytes:
+        """KVM_GET_NESTED_STATE: struct kvm_nested_state (128-byte header: flags u16, format u16, size u32, then
+        the VMX/SVM header and data), trimmed to the size KVM reports. ``max_size`` = KVM_CAP_NESTED_STATE."""
+        buf = (ctypes.c_uint8 * max(max_size, NESTED_STATE_HEADER_SIZE))()
+        ctypes.c_uint32.from_buffer(buf, 4).value = len(buf)
+        _named_ioctl(self.fd, KVM_GET_NESTED_STATE, "KVM_GET_NESTED_STATE", buf)
+        return bytes(buf)[:min(ctypes.c_uint32.from_buffer(buf, 4).value, len(buf))]
+
+
+def _named_ioctl(fd: int, request: int, name: str, arg=None) -> int:
+    """``ioctl`` for requests abi.IOCTL_NAMES does not list: the KvmError names ``name``."""
+    try:
+        return ioctl(fd, request, arg)
+    except KvmError as e:
+        raise KvmError(f"{name}: {os.strerror(e.errno)}", e.errno) from None
+
+
+# <linux/kvm.h> numbers used only by the state ioctls above.
+KVM_CAP_TSC_CONTROL = 60
+KVM_CAP_GET_TSC_KHZ = 61
+KVM_CAP_NESTED_STATE = 157
+KVM_CLOCK_TSC_STABLE, KVM_CLOCK_REALTIME, KVM_CLOCK_HOST_TSC = 2, 1 << 2, 1 << 3
+NESTED_STATE_HEADER_SIZE = 128  # struct kvm_nested_state without data
+KVM_SET_TSC_KHZ = abi._IO(abi.KVMIO, 0xA2)
+KVM_GET_TSC_KHZ = abi._IO(abi.KVMIO, 0xA3)
+KVM_GET_NESTED_STATE = abi._IOWR(abi.KVMIO, 0xBE, NESTED_STATE_HEADER_SIZE)
+KVM_GET_XSAVE2 = abi._IOR(abi.KVMIO, 0xCF, kvm_xsave)
