@@ -17,8 +17,8 @@ def test_missing_device_node_raises_kvm_error_saying_kvm_is_unavailable(tmp_path
         Kvm(str(tmp_path / "kvm"))
 
 
-def test_a_device_that_is_not_kvm_raises_kvm_error_naming_the_ioctl():
-    with pytest.raises(KvmError, match=r"^KVM_GET_API_VERSION: Inappropriate ioctl for device$"):
+def test_a_device_that_is_not_kvm_raises_kvm_error_naming_the_device_and_the_ioctl():
+    with pytest.raises(KvmError, match=r"^/dev/null is not a KVM device: KVM_GET_API_VERSION: Inappropriate ioctl"):
         Kvm("/dev/null")
 
 
