@@ -161,7 +161,8 @@ def test_ctrl_a_x_stops_the_vm_promptly_and_restores_the_terminal(pty_popek):
     assert session_processes(p.proc.pid) == []
 
 
-def test_sigint_stops_the_vm_cleanly_with_status_130():
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_sigint_or_sigterm_stops_the_vm_cleanly_with_status_130(sig):
     proc = subprocess.Popen([*POPEK, "--", "sh", "-c", "echo sleeping; exec sleep 1000"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
@@ -173,7 +174,7 @@ def test_sigint_stops_the_vm_cleanly_with_status_130():
             out += line
         time.sleep(1)
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=15)
         assert time.monotonic() - t0 < 5
         assert proc.returncode == 130, err
