@@ -47,13 +47,24 @@ def main() -> None:
 @click.option("--profile-interval", default=0.02, show_default=True, type=float, help="seconds between samples")
 @click.option("--system-map", default=None, metavar="PATH", help="System.map to symbolize the profile")
 @click.option("--no-extract", is_flag=True, help="boot a bzImage through its own decompressor")
+@click.option("--drive", "drives", multiple=True, metavar="path=FILE[,readonly=on][,serial=ID]",
+              help="attach a raw disk image as virtio-blk (repeatable; the first is /dev/vda)")
+@click.option("--no-rng", is_flag=True, help="no virtio-rng device (/dev/hwrng) in the guest")
+@click.option("--detach", "-d", is_flag=True, help="run in the background in its own VMM process (see `popek ps`)")
+@click.option("--name", default=None, help="with --detach: the VM's name (default: generated)")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(kernel, initrd, append, memory, cpus, stats, stats_json, profile, profile_interval, system_map, no_extract,
-        command):
+        drives, no_rng, detach, name, command):
     """Boot a guest and run COMMAND in it (after `--`); with no COMMAND, an interactive shell.
 
-    Exits with the guest command's exit status.
+    Exits with the guest command's exit status. With --detach, prints the VM's name and returns once it runs.
     """
+    if detach:
+        if drives or stats or stats_json or profile or no_extract:
+            fail("--detach does not take --drive, --stats, --profile or --no-extract yet")
+        click.echo(cli_vms.start_detached(name, list(command) or None, kernel=kernel, initrd=initrd, append=append,
+                                          memory=memory, cpus=cpus))
+        return
     from popek.console import Console
     from popek.profiler import Profiler, SystemMap
 
@@ -61,7 +72,7 @@ def run(kernel, initrd, append, memory, cpus, stats, stats_json, profile, profil
     try:
         vm = VM(list(command) or None, kernel=kernel, initrd=initrd, memory=memory, cpus=cpus, append=append,
                 on_output=lambda data: (out.write(data), out.flush()), progress=True,
-                extract_payload=not no_extract)
+                extract_payload=not no_extract, drives=list(drives), rng=not no_rng)
     except _bad_input_errors() as e:
         fail(str(e))
     except KeyboardInterrupt:
@@ -71,6 +82,7 @@ def run(kernel, initrd, append, memory, cpus, stats, stats_json, profile, profil
     interactive = not command
     console = Console(sys.stdin.fileno(), out, on_input=vm.send_input, on_quit=vm.stop_async) if interactive else None
     result, interrupted = None, False
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the VM cleanly too, like Ctrl-C
     try:
         if console:
             console.start()
@@ -97,6 +109,10 @@ def run(kernel, initrd, append, memory, cpus, stats, stats_json, profile, profil
     if stats or stats_json:
         _print_stats(vm.stats.as_dict(), as_json=stats_json)
     sys.exit(130 if interrupted else _exit_code(result, interactive))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _exit_code(result, interactive: bool) -> int:
@@ -200,5 +216,11 @@ def info() -> None:
     kvm.close()
 
 
+from popek import cli_vms  # noqa: E402,F401  (registers the VM lifecycle commands: start, ps, stop, ...)
+
 if __name__ == "__main__":
-    main()
+    # Run as `python -m popek.cli`, this file is __main__ and a second copy is imported as popek.cli, which is the
+    # group cli_vms registered its commands on: run that one.
+    from popek.cli import main as registered_main
+
+    registered_main()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -11,7 +14,7 @@ from typing import Callable
 from popek.boot.linux import ELF_CMDLINE_MAX, BootError
 from popek.guestcmd import build_cmdline
 from popek.kvm.system import Kvm, detect_flavor
-from popek.vm import Vm, VmConfig, VmResult, VmStats, check_resources
+from popek.vm import DriveConfig, Vm, VmConfig, VmError, VmResult, VmStats, check_resources
 
 #: The guest `popek run` boots when no kernel is named; README says why (measured boot times).
 DEFAULT_KERNEL = "microvm"
@@ -43,11 +46,74 @@ def resolve_guest(kernel: str | Path | None, initrd: str | Path | None, *, progr
     return Path(kernel), Path(initrd) if initrd else None, None
 
 
-def check_inputs(kernel: str | Path | None, initrd: str | Path | None, memory: int, cpus: int, cmdline: str) -> None:
+#: virtio-blk's device ID string is at most 20 bytes (VIRTIO 1.2 §5.2.6, VIRTIO_BLK_T_GET_ID).
+DRIVE_SERIAL_MAX = 20
+_DRIVE_KEYS = ("path", "readonly", "serial")
+
+
+def parse_drive(text: str) -> DriveConfig:
+    """The ``--drive`` syntax ``path=FILE[,readonly=on|off][,serial=ID]`` (comma-separated key=value, any order)
+    -> ``DriveConfig``. Only the syntax is checked here; ``check_drive`` looks at the file.
+
+    :raises ValueError: for an item without ``=``, an unknown or repeated key, no or an empty path, or a readonly
+        value other than on/off.
+    """
+    fields: dict[str, str] = {}
+    for item in text.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"drive {text!r}: {item!r} is not key=value (syntax: path=FILE[,readonly=on][,serial=ID])")
+        if key not in _DRIVE_KEYS:
+            raise ValueError(f"drive {text!r}: unknown key {key!r} (known: {', '.join(_DRIVE_KEYS)})")
+        if key in fields:
+            raise ValueError(f"drive {text!r}: {key} given twice")
+        fields[key] = value
+    if not fields.get("path"):
+        raise ValueError(f"drive {text!r}: no path=FILE")
+    readonly = fields.get("readonly", "off")
+    if readonly not in ("on", "off"):
+        raise ValueError(f"drive {text!r}: readonly={readonly!r}, expected on or off")
+    return DriveConfig(Path(fields["path"]), readonly=readonly == "on", serial=fields.get("serial"))
+
+
+def check_drive(drive: DriveConfig) -> None:
+    """Refuse a drive the VM could not attach: a serial that is not ASCII or longer than 20 bytes, an image that
+    is missing, neither a regular file nor a block device, cannot be opened as asked, or is asked read-write while
+    read-only (no write permission bits - refused even for root, as ``popek.devices.virtio.block.Block`` does - or
+    no write access, or a read-only mount).
+
+    :raises popek.vm.VmError: naming the drive and why.
+    """
+    what = f"drive {os.fspath(drive.path)}"
+    serial = drive.serial or ""
+    if not serial.isascii() or len(serial) > DRIVE_SERIAL_MAX:
+        raise VmError(f"{what}: serial {serial!r} must be ASCII, at most {DRIVE_SERIAL_MAX} characters")
+    try:
+        st = os.stat(drive.path)
+    except FileNotFoundError:
+        raise VmError(f"{what}: no such file") from None
+    except OSError as e:
+        raise VmError(f"{what}: cannot access it: {e.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise VmError(f"{what}: neither a regular file nor a block device")
+    if not drive.readonly and not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise VmError(f"{what}: the file is read-only (no write permission); attach it with readonly=on")
+    try:
+        os.close(os.open(drive.path, (os.O_RDONLY if drive.readonly else os.O_RDWR) | os.O_CLOEXEC))
+    except OSError as e:
+        hint = "; attach it with readonly=on" if not drive.readonly and e.errno in (errno.EACCES, errno.EPERM,
+                                                                                     errno.EROFS) else ""
+        raise VmError(f"{what}: cannot open it {'read-only' if drive.readonly else 'read-write'}: "
+                      f"{e.strerror}{hint}") from None
+
+
+def check_inputs(kernel: str | Path | None, initrd: str | Path | None, memory: int, cpus: int, cmdline: str,
+                 drives: Iterable[DriveConfig] = ()) -> None:
     """Refuse what would fail later, before any slow work (an image build): bad memory/vCPU counts
     (``popek.vm.check_resources``), a command line longer than x86's COMMAND_LINE_SIZE - 1 (2047 bytes) for a Popek
     image (a kernel path is checked against its own setup header by ``load_linux``), an initrd that cannot be read
-    or is larger than guest memory, and an unusable KVM device (``popek.kvm.system.Kvm``).
+    or is larger than guest memory, drives ``check_drive`` refuses, and an unusable KVM device
+    (``popek.kvm.system.Kvm``).
 
     :raises popek.vm.VmError, popek.boot.linux.BootError, popek.kvm.system.KvmError: saying what and why.
     """
@@ -63,6 +129,8 @@ def check_inputs(kernel: str | Path | None, initrd: str | Path | None, memory: i
             raise BootError(f"cannot read initrd {initrd}: {e.strerror or e}") from None
         if size > memory:
             raise BootError(f"initrd of {size / (1 << 20):.1f} MiB does not fit in {memory >> 20} MiB of guest memory")
+    for drive in drives:
+        check_drive(drive)
     Kvm().close()
 
 
@@ -76,19 +144,24 @@ class VM(Vm):
     :param kernel: "microvm" (default), "debian", or a path to a bzImage/vmlinux.
     :param command: argv (or shell text) the guest init runs; None for an interactive shell on the console.
     :param append: extra kernel command-line arguments.
+    :param drives: virtio-blk disks (``DriveConfig`` or the ``--drive`` text, see ``parse_drive``); the first is
+        /dev/vda in the guest.
+    :param rng: give the guest a virtio-rng device (/dev/hwrng).
+    :raises ValueError: for bad drive syntax; VmError, BootError, KvmError as ``check_inputs`` says.
     """
 
     def __init__(self, command: list[str] | str | None = None, *, kernel: str | Path | None = None,
                  initrd: str | Path | None = None, memory: str | int = "256M", cpus: int = 1, append: str = "",
                  on_output: Callable[[bytes], None] | None = None, progress: bool = False,
-                 extract_payload: bool = True):
+                 extract_payload: bool = True, drives: Iterable[DriveConfig | str] = (), rng: bool = True):
         memory = parse_size(memory)
+        drives = [parse_drive(d) if isinstance(d, str) else d for d in drives]
         flavor = detect_flavor()
         cmdline = build_cmdline(emulating=flavor.emulating_cpl0, command=command, append=append)
-        check_inputs(kernel, initrd, memory, cpus, cmdline)
+        check_inputs(kernel, initrd, memory, cpus, cmdline, drives)
         kpath, ipath, self.system_map = resolve_guest(kernel, initrd, progress=progress)
         super().__init__(VmConfig(kernel=kpath, initrd=ipath, cmdline=cmdline, memory=memory, cpus=cpus,
-                                  extract_payload=extract_payload),
+                                  extract_payload=extract_payload, drives=drives, rng=rng),
                          on_output=on_output, flavor=flavor)
 
 

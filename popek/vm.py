@@ -20,12 +20,14 @@ from popek.boot.x86 import setup_cpuid, setup_lapic, setup_long_mode, setup_msrs
 from popek.bus import Bus
 from popek.devices.debugport import DebugPort
 from popek.devices.i8042 import I8042
-from popek.devices.pci import PciBus, PciConfigIo
+from popek.devices.pci import PciBus, PciConfigIo, PciError
+from popek.devices.platform import VirtioPciBoard, add_virtio_devices
 from popek.devices.rtc import Rtc
 from popek.devices.serial import Serial
+from popek.devices.virtio.device import VirtioError
 from popek.emulate import EmulationFailure, Emulator
 from popek.guestcmd import CONSOLE_PORT_WRITE
-from popek.irq import CallbackIrqLine
+from popek.irq import CallbackIrqLine, MsiRouter
 from popek.kvm.system import Kvm, KvmFlavor, detect_flavor
 from popek.memory import GuestMemory
 from popek.repair import SyscallRepair
@@ -76,6 +78,16 @@ class VmState(enum.Enum):
 
 
 @dataclass
+class DriveConfig:
+    """A virtio-blk disk: a raw image file or host block device at ``path``; ``readonly`` opens it O_RDONLY and
+    offers VIRTIO_BLK_F_RO (VIRTIO 1.2 §5.2.3); ``serial`` is the device ID string (ASCII, at most 20 bytes)."""
+
+    path: Path
+    readonly: bool = False
+    serial: str | None = None
+
+
+@dataclass
 class VmConfig:
     """What to boot and with which resources.
 
@@ -85,6 +97,8 @@ class VmConfig:
     :param cpus: number of vCPUs (1-254).
     :param extract_payload: boot a bzImage's compressed vmlinux directly, skipping its decompressor.
     :param repair_syscall: None = decide by the KVM flavour (on when it emulates CPL 0).
+    :param drives: virtio-blk disks, in PCI slot order (the first is /dev/vda).
+    :param rng: add a virtio-rng device (the guest's /dev/hwrng).
     """
 
     kernel: Path
@@ -94,6 +108,8 @@ class VmConfig:
     cpus: int = 1
     extract_payload: bool = True
     repair_syscall: bool | None = None
+    drives: list[DriveConfig] = field(default_factory=list)
+    rng: bool = True
 
 
 @dataclass
@@ -193,6 +209,8 @@ class Vm:
         self.memory: GuestMemory | None = None
         self._kvm = None
         self._vm = None
+        self.msi: MsiRouter | None = None
+        self.board: VirtioPciBoard | None = None
         try:
             self._build()
         except BaseException:
@@ -209,6 +227,7 @@ class Vm:
         vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
         vm.create_irqchip()
         vm.create_pit2()
+        self.msi = MsiRouter(vm)
         try:
             self.memory = GuestMemory.x86(cfg.memory)
         except OSError as e:
@@ -223,11 +242,16 @@ class Vm:
         self.pio.insert(RTC_PORT, 2, Rtc())
         self.pci = PciBus()
         self.pio.insert(PCI_CONFIG_PORT, 8, PciConfigIo(self.pci))
+        self.board = VirtioPciBoard(vm, self.memory, self.pci, self.mmio, self.msi)
+        try:
+            add_virtio_devices(self.board, cfg.drives, rng=cfg.rng)
+        except (VirtioError, PciError) as e:
+            raise VmError(str(e)) from None
         self.pio.insert(DEBUG_PORT, 2, DebugPort(on_exit_status=self._guest_exit_status, on_event=self._guest_event))
 
         self.boot = load_linux(self.memory, cfg.kernel, cmdline=cfg.cmdline, initrd_path=cfg.initrd,
                                extract_payload=cfg.extract_payload)
-        write_mptable(self.memory, cfg.cpus, ioapic_id=cfg.cpus)
+        write_mptable(self.memory, cfg.cpus, ioapic_id=cfg.cpus, pci_irqs=self.board.pci_irqs)
 
         repair = cfg.repair_syscall if cfg.repair_syscall is not None else self.flavor.emulating_cpl0
         self.emulator = Emulator(self.memory)
@@ -262,7 +286,7 @@ class Vm:
             self._marker_at = start
             self.pio.write(port, bytes([value]))
         self.console._feed(bytes(data))
-        if self._on_output:
+        if self._on_output and self._exit_status is None:  # after the command's status only the reboot message comes
             self._on_output(data)
 
     def _guest_event(self, n: int) -> None:
@@ -393,6 +417,13 @@ class Vm:
         self.console._feed(None)
 
     def close(self) -> None:
+        """Release everything: devices (threads, ioeventfds, image files), MSI vectors, vCPUs, the VM, memory."""
+        if self.board is not None:
+            self.board.close()
+            self.board = None
+        if self.msi is not None:
+            self.msi.close()
+            self.msi = None
         for v in self.vcpus:
             v.fd.close()
         self.vcpus.clear()

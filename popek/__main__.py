@@ -1,0 +1,5 @@
+"""`python -m popek`: the popek command line."""
+
+from popek.cli import main
+
+main()
