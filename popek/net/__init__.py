@@ -1,0 +1,1 @@
+"""Host-side networking for guests: tap devices and MAC addresses."""
