@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import re
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,34 +75,23 @@ def parse_drive(text: str) -> DriveConfig:
 
 
 def check_drive(drive: DriveConfig) -> None:
-    """Refuse a drive the VM could not attach: a serial that is not ASCII or longer than 20 bytes, an image that
-    is missing, neither a regular file nor a block device, cannot be opened as asked, or is asked read-write while
-    read-only (no write permission bits - refused even for root, as ``popek.devices.virtio.block.Block`` does - or
-    no write access, or a read-only mount).
+    """Refuse a drive the VM could not attach: a serial that is not ASCII or longer than 20 bytes, or an image
+    ``popek.devices.virtio.block.open_image`` cannot open as asked (missing, not a file or block device, read-only
+    asked read-write).
 
     :raises popek.vm.VmError: naming the drive and why.
     """
-    what = f"drive {os.fspath(drive.path)}"
+    from popek.devices.virtio.block import open_image
+    from popek.devices.virtio.device import VirtioError
+
     serial = drive.serial or ""
     if not serial.isascii() or len(serial) > DRIVE_SERIAL_MAX:
-        raise VmError(f"{what}: serial {serial!r} must be ASCII, at most {DRIVE_SERIAL_MAX} characters")
+        raise VmError(f"drive {os.fspath(drive.path)}: serial {serial!r} must be ASCII, "
+                      f"at most {DRIVE_SERIAL_MAX} characters")
     try:
-        st = os.stat(drive.path)
-    except FileNotFoundError:
-        raise VmError(f"{what}: no such file") from None
-    except OSError as e:
-        raise VmError(f"{what}: cannot access it: {e.strerror}") from None
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise VmError(f"{what}: neither a regular file nor a block device")
-    if not drive.readonly and not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
-        raise VmError(f"{what}: the file is read-only (no write permission); attach it with readonly=on")
-    try:
-        os.close(os.open(drive.path, (os.O_RDONLY if drive.readonly else os.O_RDWR) | os.O_CLOEXEC))
-    except OSError as e:
-        hint = "; attach it with readonly=on" if not drive.readonly and e.errno in (errno.EACCES, errno.EPERM,
-                                                                                     errno.EROFS) else ""
-        raise VmError(f"{what}: cannot open it {'read-only' if drive.readonly else 'read-write'}: "
-                      f"{e.strerror}{hint}") from None
+        os.close(open_image(drive.path, drive.readonly, readonly_hint="readonly=on"))
+    except VirtioError as e:
+        raise VmError(f"drive: {e}") from None
 
 
 def check_inputs(kernel: str | Path | None, initrd: str | Path | None, memory: int, cpus: int, cmdline: str,

@@ -88,7 +88,7 @@ def test_parse_drive_refuses_bad_syntax_saying_what_is_wrong(text, message):
 
 
 def test_check_drive_refuses_missing_file_directory_and_long_or_non_ascii_serial(tmp_path, image):
-    with pytest.raises(VmError, match="no such file"):
+    with pytest.raises(VmError, match="does not exist"):
         check_drive(DriveConfig(tmp_path / "missing.img"))
     with pytest.raises(VmError, match="neither a regular file nor a block device"):
         check_drive(DriveConfig(tmp_path))
@@ -113,8 +113,8 @@ def _popek_run(*args, cwd):
 
 
 @pytest.mark.parametrize("drive, message", [
-    ("path=missing.img", "drive missing.img: no such file"),
-    ("path=ro.img", "drive ro.img: the file is read-only"),
+    ("path=missing.img", "drive: image 'missing.img' does not exist"),
+    ("path=ro.img", "drive: image 'ro.img' is read-only (no write permission bits); attach it with readonly=on"),
     ("path=ro.img,readonly=maybe", "readonly='maybe', expected on or off"),
     ("file=ro.img", "unknown key 'file'"),
 ])

@@ -140,7 +140,7 @@ class Block(VirtioDevice):
             raise VirtioError(f"virtio-blk: serial {serial!r} is not ASCII") from None
         if len(self.serial) > VIRTIO_BLK_ID_BYTES:
             raise VirtioError(f"virtio-blk: serial {serial!r} is longer than {VIRTIO_BLK_ID_BYTES} bytes")
-        self.fd = self._open()
+        self.fd = open_image(self.path, self.readonly)
         try:
             st = os.fstat(self.fd)
             size = os.lseek(self.fd, 0, os.SEEK_END)
@@ -170,26 +170,6 @@ class Block(VirtioDevice):
             MAX_DISCARD_SECTORS if punch else 0, MAX_DISCARD_SEG if punch else 0, alignment if punch else 0,
             MAX_DISCARD_SECTORS if zero else 0, MAX_DISCARD_SEG if zero else 0, 1 if zero and punch else 0)
         super().__init__(features, config, [queue_size])
-
-    def _open(self) -> int:
-        what = f"virtio-blk: image {self.path!r}"
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            raise VirtioError(f"{what} does not exist") from None
-        except OSError as e:
-            raise VirtioError(f"{what} cannot be accessed: {e.strerror}") from e
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise VirtioError(f"{what} is neither a regular file nor a block device")
-        if not self.readonly and not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
-            raise VirtioError(f"{what} is read-only (no write permission bits); attach it with readonly=True")
-        try:
-            return os.open(self.path, (os.O_RDONLY if self.readonly else os.O_RDWR) | os.O_CLOEXEC)
-        except OSError as e:
-            if not self.readonly and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY):
-                raise VirtioError(f"{what} cannot be opened read-write ({e.strerror}); "
-                                  f"attach it with readonly=True") from e
-            raise VirtioError(f"{what} cannot be opened: {e.strerror}") from e
 
     def close(self) -> None:
         """Reset the device and close the image."""
@@ -299,3 +279,30 @@ class Block(VirtioDevice):
                               f"{'read-only ' if state['readonly'] else ''}disk, {self.path!r} has "
                               f"{self.capacity} sectors{' (read-only)' if self.readonly else ''}")
         super().restore(state, *args, **kwargs)
+
+
+def open_image(path, readonly: bool, *, readonly_hint: str = "readonly=True") -> int:
+    """Open a raw disk image (regular file or block device) for a virtio-blk device; returns the fd.
+
+    An image asked read-write that has no write permission bits is refused even for root, who could open it anyway.
+    :param readonly_hint: how the caller's user asks for read-only (named in the error).
+    :raises VirtioError: missing, not a file or block device, or not openable as asked.
+    """
+    what = f"image {os.fspath(path)!r}"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise VirtioError(f"{what} does not exist") from None
+    except OSError as e:
+        raise VirtioError(f"{what} cannot be accessed: {e.strerror}") from e
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise VirtioError(f"{what} is neither a regular file nor a block device")
+    if not readonly and not st.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise VirtioError(f"{what} is read-only (no write permission bits); attach it with {readonly_hint}")
+    try:
+        return os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+    except OSError as e:
+        if not readonly and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY):
+            raise VirtioError(f"{what} cannot be opened read-write ({e.strerror}); "
+                              f"attach it with {readonly_hint}") from e
+        raise VirtioError(f"{what} cannot be opened: {e.strerror}") from e
