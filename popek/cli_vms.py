@@ -565,3 +565,138 @@ def logs(name, follow):
     except KeyboardInterrupt:
         pass
     out.flush()
+
+
+# ---- snapshots ----------------------------------------------------------------------------------------------------
+
+#: Seconds the snapshot commands give the VMM to write or load a snapshot (guest RAM goes through the page cache).
+SNAPSHOT_TIMEOUT = 300.0
+
+
+@main.group()
+def snapshot():
+    """Snapshot a running VM to a directory (files `state` and `memory`), or restore one as a new VM."""
+
+
+@snapshot.command("create")
+@click.argument("name")
+@click.argument("directory", type=click.Path(file_okay=False))
+def snapshot_create(name, directory):
+    """Write a full snapshot of VM NAME to DIRECTORY: PATCH /vm Paused, PUT /snapshot/create (DIRECTORY/state,
+    DIRECTORY/memory), then PATCH /vm Resumed if the VM was running. Prints DIRECTORY."""
+    e = _live(name)
+    d = Path(directory).resolve()
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        fail(f"cannot create snapshot directory {d}: {err.strerror}", 1)
+    _, info = _api(e, "GET", "/")
+    was_running = (info or {}).get("state") == "Running"
+    if was_running:
+        status, body = _api(e, "PATCH", "/vm", {"state": "Paused"})
+        if status != 204:
+            fail(f"VM {name!r}: cannot pause it: {(body or {}).get('fault_message', f'HTTP {status}')}", 1)
+    try:
+        status, body = _api(e, "PUT", "/snapshot/create", {"snapshot_type": "Full", "snapshot_path": str(d / "state"),
+                                                           "mem_file_path": str(d / "memory")},
+                            timeout=SNAPSHOT_TIMEOUT)
+        if status != 204:
+            fail(f"VM {name!r}: {(body or {}).get('fault_message', f'HTTP {status}')}", 1)
+    finally:
+        if was_running:
+            _api(e, "PATCH", "/vm", {"state": "Resumed"}, required=False)
+    click.echo(str(d))
+
+
+def restore_detached(directory: str | os.PathLike, name: str | None = None,
+                     timeout: float = START_TIMEOUT) -> str:
+    """Start a new detached VMM (``python -m popek.vmm`` with an empty spec, its own runtime directory and cgroup
+    as `popek start` makes them) and have it load the snapshot in ``directory`` (PUT /snapshot/load, resume_vm
+    true); return the VM's name. On any failure the VMM is killed and its runtime directory and cgroup removed.
+
+    :raises SystemExit: via ``popek.cli.fail``, saying what failed and why.
+    """
+    from popek.api.client import ApiClient, ApiClientError
+    from popek.cgroups import CgroupError, VmCgroup, detect
+    from popek.snapshot import SnapshotError, read_state
+
+    d = Path(directory).resolve()
+    try:
+        snap = read_state(d / "state")
+    except (SnapshotError, OSError) as err:
+        fail(f"cannot restore {d}: {err}", 1)
+    name = name or f"vm-{secrets.token_hex(3)}"
+    try:
+        validate_name(name)
+    except ValueError as err:
+        fail(str(err))
+    old = RuntimeDir(name).read()
+    if old.problem != "no runtime directory":
+        if old.alive:
+            fail(f"VM name {name!r} is in use by running VMM process {old.pid}")
+        if not (_is_stale(old) and _clean_stale(old)):
+            fail(f"VM name {name!r} is taken by an ended VM; `popek rm {name}` first")
+    extra = snap.config.extra
+    info = {"vcpus": snap.config.vcpu_count, "memory": extra.get("memory"), "kernel": extra.get("kernel"),
+            "initrd": extra.get("initrd"), "command": None, "append": "", "limits": {}, "snapshot": str(d)}
+    try:
+        layout = detect()
+    except CgroupError as err:
+        click.echo(f"popek: warning: running VM {name!r} without a cgroup: {err}", err=True)
+        layout = None
+    info["cgroup"] = layout is not None
+    child = subprocess.Popen([sys.executable, "-m", "popek.vmm", "--name", name, "--base", str(RuntimeDir(name).base),
+                              "--spec-stdin"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True, cwd="/")
+    rd = None
+    try:
+        rd = RuntimeDir.create(name, info, pid=child.pid)
+        if layout is not None:
+            cg = VmCgroup(name, layout)
+            if any(p.exists() for p in cg.paths):
+                cg.remove(force=True)
+            VmCgroup.create(name, layout=layout).add_pid(child.pid)
+        child.stdin.write(json.dumps({"spec": {}}).encode())
+        child.stdin.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if child.poll() is not None:
+                raise _StartFailed(f"the VMM exited with status {child.returncode} before loading the snapshot")
+            if time.monotonic() > deadline:
+                raise _StartFailed(f"its VMM's API did not answer within {timeout:g} s")
+            try:
+                with ApiClient(rd.api_socket, timeout=2.0) as client:
+                    if client.get("/")[0] == 200:
+                        break
+            except ApiClientError:
+                pass
+            time.sleep(0.1)
+        with ApiClient(rd.api_socket, timeout=SNAPSHOT_TIMEOUT) as client:
+            status, body = client.request("PUT", "/snapshot/load", {
+                "snapshot_path": str(d / "state"), "mem_backend": {"backend_type": "File",
+                                                                   "backend_path": str(d / "memory")},
+                "resume_vm": True})
+        if status != 204:
+            raise _StartFailed((body or {}).get("fault_message", f"HTTP {status}"))
+    except BaseException as err:
+        child.kill()
+        child.wait()
+        stderr = child.stderr.read().decode(errors="replace").strip()
+        if rd is not None:
+            _remove_vm(name)
+        if isinstance(err, KeyboardInterrupt):
+            fail("interrupted; the VM was not restored", 130)
+        if not isinstance(err, Exception):
+            raise
+        fail(f"cannot restore {d} as VM {name!r}: {err}" + (f"\n{stderr}" if stderr else ""), 1)
+    child.stderr.close()
+    child.returncode = 0  # detached on purpose (see start_detached)
+    return name
+
+
+@snapshot.command("restore")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True))
+@click.option("--name", "-n", default=None, help="the new VM's name (default: vm-<random>)")
+def snapshot_restore(directory, name):
+    """Start a new VM from the snapshot in DIRECTORY (made by `popek snapshot create`) and print its name."""
+    click.echo(restore_detached(directory, name))

@@ -182,12 +182,16 @@ class Vm:
     """One virtual machine: ``Vm(config).start()``, then ``wait()``; ``pause()/resume()``; ``stop()``.
 
     Console output goes to ``on_output`` (called on the vCPU thread) and to ``console`` (a ConsoleStream).
+
+    Restore path (``popek.persist.restore``): ``memory`` given = guest RAM mapped from a snapshot's memory file;
+    the platform is built as usual but no kernel is loaded, no MP table written and no vCPU register set up (the
+    caller then loads VM, vCPU and device state before ``start()``). The Vm owns ``memory`` (closes it).
     :raises VmError: if the VM cannot be built; ``popek.boot.linux.BootError`` for a bad kernel/initrd/cmdline;
         ``popek.kvm.system.KvmError`` if KVM is unusable.
     """
 
     def __init__(self, config: VmConfig, *, on_output: Callable[[bytes], None] | None = None,
-                 flavor: KvmFlavor | None = None):
+                 flavor: KvmFlavor | None = None, memory: GuestMemory | None = None):
         check_resources(config.memory, config.cpus)
         self.config = config
         self.flavor = flavor or detect_flavor()
@@ -206,11 +210,12 @@ class Vm:
         self.console = ConsoleStream(self.send_input)
         self.vcpus: list[Vcpu] = []
         self._last_poll = [0.0] * config.cpus
-        self.memory: GuestMemory | None = None
         self._kvm = None
         self._vm = None
         self.msi: MsiRouter | None = None
         self.board: VirtioPciBoard | None = None
+        self.restoring = memory is not None
+        self.memory: GuestMemory | None = memory
         try:
             self._build()
         except BaseException:
@@ -229,7 +234,8 @@ class Vm:
         vm.create_pit2()
         self.msi = MsiRouter(vm)
         try:
-            self.memory = GuestMemory.x86(cfg.memory)
+            if self.memory is None:
+                self.memory = GuestMemory.x86(cfg.memory)
         except OSError as e:
             raise VmError(f"cannot allocate {cfg.memory >> 20} MiB of guest memory: {e.strerror}") from None
         for slot, region in enumerate(self.memory.regions):
@@ -238,10 +244,13 @@ class Vm:
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.serial = Serial(CallbackIrqLine(COM1_IRQ, vm.irq_line), self._guest_output)
         self.pio.insert(COM1_PORT, 8, self.serial)
-        self.pio.insert(I8042_PORT, 5, I8042(on_reset=lambda: self._end("reset", "guest reset through the i8042")))
-        self.pio.insert(RTC_PORT, 2, Rtc())
+        self.i8042 = I8042(on_reset=lambda: self._end("reset", "guest reset through the i8042"))
+        self.pio.insert(I8042_PORT, 5, self.i8042)
+        self.rtc = Rtc()
+        self.pio.insert(RTC_PORT, 2, self.rtc)
         self.pci = PciBus()
-        self.pio.insert(PCI_CONFIG_PORT, 8, PciConfigIo(self.pci))
+        self.pci_io = PciConfigIo(self.pci)
+        self.pio.insert(PCI_CONFIG_PORT, 8, self.pci_io)
         self.board = VirtioPciBoard(vm, self.memory, self.pci, self.mmio, self.msi)
         try:
             add_virtio_devices(self.board, cfg.drives, rng=cfg.rng)
@@ -249,9 +258,10 @@ class Vm:
             raise VmError(str(e)) from None
         self.pio.insert(DEBUG_PORT, 2, DebugPort(on_exit_status=self._guest_exit_status, on_event=self._guest_event))
 
-        self.boot = load_linux(self.memory, cfg.kernel, cmdline=cfg.cmdline, initrd_path=cfg.initrd,
-                               extract_payload=cfg.extract_payload)
-        write_mptable(self.memory, cfg.cpus, ioapic_id=cfg.cpus, pci_irqs=self.board.pci_irqs)
+        if not self.restoring:  # a restored guest's memory already holds its kernel and MP table
+            self.boot = load_linux(self.memory, cfg.kernel, cmdline=cfg.cmdline, initrd_path=cfg.initrd,
+                                   extract_payload=cfg.extract_payload)
+            write_mptable(self.memory, cfg.cpus, ioapic_id=cfg.cpus, pci_irqs=self.board.pci_irqs)
 
         repair = cfg.repair_syscall if cfg.repair_syscall is not None else self.flavor.emulating_cpl0
         self.emulator = Emulator(self.memory)
@@ -264,7 +274,7 @@ class Vm:
             setup_cpuid(fd, supported, cfg.cpus)
             setup_msrs(fd)
             setup_lapic(fd)
-            if i == 0:
+            if i == 0 and not self.restoring:
                 setup_long_mode(self.memory, fd, rip=self.boot.entry, rsi=self.boot.boot_params)
 
     # ---- device callbacks (vCPU threads) ---------------------------------------------------------------------------

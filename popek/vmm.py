@@ -71,7 +71,10 @@ def spec_summary(spec: VmSpec) -> dict:
 
 def apply_spec(controller: Controller, spec: VmSpec) -> None:
     """Put every part of ``spec`` through the controller (the checks of the PUT requests), then InstanceStart if it
-    has a boot source. :raises ApiError: 400 from whichever request is refused (naming it)."""
+    has a boot source. An empty spec (``VmSpec()``) is not applied at all, so the VMM stays fresh and can still
+    take PUT /snapshot/load (`popek snapshot restore`). :raises ApiError: 400 from whichever request is refused."""
+    if spec == VmSpec():
+        return
     controller.put_machine_config(spec.machine_config)
     for d in spec.drives.values():
         controller.put_drive(d.drive_id, d)

@@ -52,6 +52,9 @@ class VmHandle:
     is called with the ``popek.vm.VmState`` value ("running", "paused", "stopped") after each change this handle
     makes or observes. Thread-safe (the API thread and the VMM's main loop both use it).
 
+    A spec without a boot source builds nothing: the handle waits for ``snapshot_load`` (the controller makes it
+    that way for PUT /snapshot/load), reading "Not started" until then.
+
     :param spec: what to build (see :func:`vm_arguments`).
     :param vm_class: the VM class (default ``popek.runner.VM``; tests pass a fake with its signature).
     :param on_output: console output callback, passed to the VM (called on a vCPU thread).
@@ -63,7 +66,9 @@ class VmHandle:
                  on_output: Callable[[bytes], None] | None = None, on_state: Callable[[str], None] | None = None):
         if vm_class is None:
             from popek.runner import VM as vm_class
-        self.vm = vm_class(**vm_arguments(spec), on_output=on_output)
+        self.vm = None if spec.boot_source is None else vm_class(**vm_arguments(spec), on_output=on_output)
+        self._on_output = on_output
+        self._loaded_paused = False  # loaded from a snapshot without resume_vm: built, not started, reads Paused
         self._on_state = on_state or (lambda state: None)
         self._lock = threading.RLock()
         self._reported: VmState | None = None
@@ -71,13 +76,20 @@ class VmHandle:
 
     @property
     def state(self) -> str:
+        if self.vm is None:
+            return API_STATES[VmState.CREATED]
         self.wait(0)
-        return API_STATES[self.vm.state]
+        return API_STATES[self._vm_state()]
+
+    def _vm_state(self) -> VmState:
+        if self._loaded_paused and self.vm.state is VmState.CREATED:
+            return VmState.PAUSED
+        return self.vm.state
 
     def _report(self) -> None:
-        if self.vm.state is not self._reported:
-            self._reported = self.vm.state
-            self._on_state(self.vm.state.value)
+        if self._vm_state() is not self._reported:
+            self._reported = self._vm_state()
+            self._on_state(self._reported.value)
 
     def wait(self, timeout: float | None = None) -> VmResult | None:
         """Wait up to ``timeout`` seconds (None: forever) for the VM to end; its ``VmResult``, or None if still up.
@@ -88,7 +100,7 @@ class VmHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
-                if self.result is None and self.vm.state is not VmState.CREATED:
+                if self.result is None and self.vm is not None and self.vm.state is not VmState.CREATED:
                     self.result = self.vm.wait(0)
                 if self.result is not None:
                     self._report()
@@ -110,7 +122,10 @@ class VmHandle:
 
     def resume(self) -> None:
         with self._lock:
-            self.vm.resume()
+            if self._vm_state() is VmState.PAUSED and self.vm.state is VmState.CREATED:
+                self.vm.start()  # a snapshot loaded without resume_vm: its vCPUs run for the first time
+            else:
+                self.vm.resume()
             self._report()
 
     def send_ctrl_alt_del(self) -> None:
@@ -122,6 +137,8 @@ class VmHandle:
     def stop(self) -> None:
         """Stop the vCPUs (from any state) and release the VM's memory and KVM file descriptors. Idempotent."""
         with self._lock:
+            if self.vm is None:
+                return
             if self.vm.state is VmState.CREATED:
                 self.vm.close()
                 return
@@ -132,7 +149,33 @@ class VmHandle:
             self._report()
 
     def snapshot_create(self, *, snapshot_type: str, snapshot_path: str, mem_file_path: str) -> None:
-        raise NotImplementedError("snapshots are not supported yet")
+        """Write a Full snapshot of the (paused) VM with ``popek.persist.save``: the memory file, then the state.
+
+        :raises NotImplementedError: for snapshot_type "Diff" (not wired yet); and what ``save`` raises
+            (VmError, StateUnsupported, SnapshotError, OSError).
+        """
+        if snapshot_type != "Full":
+            raise NotImplementedError(f"{snapshot_type} snapshots are not supported yet (only Full)")
+        from popek.persist import save
+
+        with self._lock:
+            save(self.vm, snapshot_path, mem_file_path)
 
     def snapshot_load(self, *, snapshot_path: str, mem_file_path: str, resume_vm: bool) -> None:
-        raise NotImplementedError("snapshots are not supported yet")
+        """Build the VM from a snapshot (``popek.persist.load``) and start it if ``resume_vm``, else leave it
+        Paused (``resume`` then starts it). Only on a handle made from a spec without a boot source.
+
+        :raises RuntimeError: if this handle already has a VM; SnapshotError (a ValueError) for a bad snapshot;
+            and what building the VM raises.
+        """
+        from popek.persist import load
+
+        with self._lock:
+            if self.vm is not None:
+                raise RuntimeError("a snapshot loads only into a VMM that has no VM yet")
+            self.vm = load(snapshot_path, mem_file_path, on_output=self._on_output)
+            if resume_vm:
+                self.vm.start()
+            else:
+                self._loaded_paused = True
+            self._report()
