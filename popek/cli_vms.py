@@ -149,6 +149,40 @@ def _tail(path: Path, n: int = 2000) -> str:
 
 # ---- popek start --------------------------------------------------------------------------------------------------
 
+
+def _check_name_free(name: str) -> None:
+    """Fail unless VM ``name`` is unused, reclaiming it from a stale entry (a dead or recycled VMM pid)."""
+    old = RuntimeDir(name).read()
+    if old.problem != "no runtime directory":
+        if old.alive:
+            fail(f"VM name {name!r} is in use by running VMM process {old.pid}")
+        if not (_is_stale(old) and _clean_stale(old)):
+            fail(f"VM name {name!r} is taken by an ended VM; `popek rm {name}` first")
+
+
+def _spawn_vmm(name: str) -> subprocess.Popen:
+    """Start ``python -m popek.vmm`` for VM ``name`` in a new session; it waits for its spec on stdin."""
+    return subprocess.Popen([sys.executable, "-m", "popek.vmm", "--name", name, "--base", str(RuntimeDir(name).base),
+                             "--spec-stdin"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True, cwd="/")
+
+
+def _adopt_vmm(child: subprocess.Popen, name: str, info: dict, spec: dict, layout, limits: dict) -> RuntimeDir:
+    """Reserve ``name`` with a runtime directory owned by ``child``, move it into the VM's cgroup (``layout`` None:
+    none) with ``limits``, then hand it ``spec`` — in that order, so all guest memory is charged to the cgroup."""
+    from popek.cgroups import VmCgroup
+
+    rd = RuntimeDir.create(name, info, pid=child.pid)
+    if layout is not None:
+        cg = VmCgroup(name, layout)
+        if any(p.exists() for p in cg.paths):  # left by a dead VM of this name: the name is ours now
+            cg.remove(force=True)
+        VmCgroup.create(name, layout=layout, **limits).add_pid(child.pid)
+    child.stdin.write(json.dumps({"spec": spec}).encode())
+    child.stdin.close()
+    return rd
+
+
 def start_detached(name: str | None, command: list[str] | str | None = None, *, kernel=None, initrd=None,
                    append: str = "", memory: str | int = "256M", cpus: int = 1, cpu_weight: int | None = None,
                    cpus_max: float | None = None, memory_max: str | int | None = None, pids_max: int | None = None,
@@ -167,7 +201,7 @@ def start_detached(name: str | None, command: list[str] | str | None = None, *, 
     :raises SystemExit: via ``popek.cli.fail``, with a message saying what failed and why.
     """
     from popek.api.model import ApiError, BootSource, MachineConfiguration
-    from popek.cgroups import CgroupError, VmCgroup, detect, limit_writes
+    from popek.cgroups import CgroupError, detect, limit_writes
     from popek.guestcmd import build_cmdline, command_arg
     from popek.kvm.system import detect_flavor
     from popek.runner import check_inputs, parse_size, resolve_guest
@@ -197,12 +231,7 @@ def start_detached(name: str | None, command: list[str] | str | None = None, *, 
             fail(f"cannot apply {', '.join(limits)}: {e}")
         click.echo(f"popek: warning: running VM {name!r} without a cgroup: {e}", err=True)
         layout = None
-    old = RuntimeDir(name).read()
-    if old.problem != "no runtime directory":
-        if old.alive:
-            fail(f"VM name {name!r} is in use by running VMM process {old.pid}")
-        if not (_is_stale(old) and _clean_stale(old)):
-            fail(f"VM name {name!r} is taken by an ended VM; `popek rm {name}` first")
+    _check_name_free(name)
     try:
         kpath, ipath, _ = resolve_guest(kernel, initrd, progress=True)
     except _bad_input_errors() as e:
@@ -220,19 +249,9 @@ def start_detached(name: str | None, command: list[str] | str | None = None, *, 
             "command": command if command else None, "append": append, "limits": limits,
             "cgroup": layout is not None}
 
-    child = subprocess.Popen([sys.executable, "-m", "popek.vmm", "--name", name, "--base", str(RuntimeDir(name).base),
-                              "--spec-stdin"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, start_new_session=True, cwd="/")
-    rd = None
+    child, rd = _spawn_vmm(name), None
     try:
-        rd = RuntimeDir.create(name, info, pid=child.pid)
-        if layout is not None:
-            cg = VmCgroup(name, layout)
-            if any(p.exists() for p in cg.paths):  # left by a dead VM of this name: the name is ours now
-                cg.remove(force=True)
-            VmCgroup.create(name, layout=layout, **limits).add_pid(child.pid)
-        child.stdin.write(json.dumps({"spec": spec}).encode())
-        child.stdin.close()
+        rd = _adopt_vmm(child, name, info, spec, layout, limits)
         _wait_started(name, child, timeout)
     except BaseException as e:
         child.kill()
@@ -617,7 +636,7 @@ def restore_detached(directory: str | os.PathLike, name: str | None = None,
     :raises SystemExit: via ``popek.cli.fail``, saying what failed and why.
     """
     from popek.api.client import ApiClient, ApiClientError
-    from popek.cgroups import CgroupError, VmCgroup, detect
+    from popek.cgroups import CgroupError, detect
     from popek.snapshot import SnapshotError, read_state
 
     d = Path(directory).resolve()
@@ -630,12 +649,7 @@ def restore_detached(directory: str | os.PathLike, name: str | None = None,
         validate_name(name)
     except ValueError as err:
         fail(str(err))
-    old = RuntimeDir(name).read()
-    if old.problem != "no runtime directory":
-        if old.alive:
-            fail(f"VM name {name!r} is in use by running VMM process {old.pid}")
-        if not (_is_stale(old) and _clean_stale(old)):
-            fail(f"VM name {name!r} is taken by an ended VM; `popek rm {name}` first")
+    _check_name_free(name)
     extra = snap.config.extra
     info = {"vcpus": snap.config.vcpu_count, "memory": extra.get("memory"), "kernel": extra.get("kernel"),
             "initrd": extra.get("initrd"), "command": None, "append": "", "limits": {}, "snapshot": str(d)}
@@ -645,19 +659,9 @@ def restore_detached(directory: str | os.PathLike, name: str | None = None,
         click.echo(f"popek: warning: running VM {name!r} without a cgroup: {err}", err=True)
         layout = None
     info["cgroup"] = layout is not None
-    child = subprocess.Popen([sys.executable, "-m", "popek.vmm", "--name", name, "--base", str(RuntimeDir(name).base),
-                              "--spec-stdin"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, start_new_session=True, cwd="/")
-    rd = None
+    child, rd = _spawn_vmm(name), None
     try:
-        rd = RuntimeDir.create(name, info, pid=child.pid)
-        if layout is not None:
-            cg = VmCgroup(name, layout)
-            if any(p.exists() for p in cg.paths):
-                cg.remove(force=True)
-            VmCgroup.create(name, layout=layout).add_pid(child.pid)
-        child.stdin.write(json.dumps({"spec": {}}).encode())
-        child.stdin.close()
+        rd = _adopt_vmm(child, name, info, {}, layout, {})
         deadline = time.monotonic() + timeout
         while True:
             if child.poll() is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import os
 import queue
 import re
 import threading
