@@ -5,7 +5,6 @@ refused without leaving KVM file descriptors behind."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import popek_test_guests as guests  # registered by tests/kvm/conftest.py
@@ -16,6 +15,7 @@ from popek.boot.x86 import setup_long_mode
 from popek.memory import GuestMemory
 from popek.snapshot import SnapshotError
 from popek.vm import MIN_MEMORY, Vm, VmConfig, VmError, VmState
+from test_state import Recorder  # the port-write recorder the state tests use
 
 pytestmark = pytest.mark.kvm
 
@@ -24,33 +24,13 @@ PORT_OUT = guests.ports()["PORT_OUT"]
 IER, LCR, SCR = 1, 3, 7
 
 
-class PortLog:
-    """Bus device: every write as an int; ``wait(n, timeout)`` blocks until n writes arrived; reads are 0xff."""
-
-    def __init__(self):
-        self.values: list[int] = []
-        self._cond = threading.Condition()
-
-    def read(self, offset, size):
-        return b"\xff" * size
-
-    def write(self, offset, data):
-        with self._cond:
-            self.values.append(int.from_bytes(data, "little"))
-            self._cond.notify_all()
-
-    def wait(self, n, timeout):
-        with self._cond:
-            return self._cond.wait_for(lambda: len(self.values) >= n, timeout)
-
-
 def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
 def _tiny_vm(image) -> Vm:
     """A Vm whose RAM holds the counting guest instead of a kernel (the restore path's ``memory=`` skips the
-    kernel load), vCPU 0 set up in long mode at its entry, and a PortLog on PORT_OUT."""
+    kernel load), vCPU 0 set up in long mode at its entry, and a Recorder on PORT_OUT."""
     mem = GuestMemory.x86(MIN_MEMORY)
     mem.write(image.load_address, image.data)
     vm = Vm(VmConfig(kernel="/nonexistent/tiny-guest", cmdline="tiny", memory=MIN_MEMORY, repair_syscall=False),
@@ -59,8 +39,8 @@ def _tiny_vm(image) -> Vm:
     return vm
 
 
-def _attach(vm: Vm) -> PortLog:
-    out = PortLog()
+def _attach(vm: Vm) -> Recorder:
+    out = Recorder()
     vm.pio.insert(PORT_OUT, 4, out)
     return out
 
