@@ -437,16 +437,23 @@ class Vsock(VirtioDevice):
             if port not in used:
                 return port
 
+    def _send(self, conn: _Conn, send) -> int | None:
+        """Bytes ``send()`` put on the host socket (0 if it would block), or None if the socket failed: the
+        connection is then reset."""
+        try:
+            return send()
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as e:
+            log.debug("virtio-vsock: host socket of %d->%d failed: %s", conn.local_port, conn.peer_port, e)
+            self._close(conn, rst=True)
+            return None
+
     def _flush(self, conn: _Conn) -> None:
         """Write buffered guest data to the host socket; finish a shutdown the guest asked for once it is out."""
         if conn.to_host:
-            try:
-                n = conn.sock.send(conn.to_host, socket.MSG_NOSIGNAL)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as e:
-                log.debug("virtio-vsock: host socket of %d->%d failed: %s", conn.local_port, conn.peer_port, e)
-                self._close(conn, rst=True)
+            n = self._send(conn, lambda: conn.sock.send(conn.to_host, socket.MSG_NOSIGNAL))
+            if n is None:
                 return
             del conn.to_host[:n]
             self._forwarded(conn, n)
@@ -593,13 +600,8 @@ class Vsock(VirtioDevice):
         views = chain.readable_range(VIRTIO_VSOCK_HDR.size, VIRTIO_VSOCK_HDR.size + length)
         n = 0
         if not conn.to_host and length:
-            try:
-                n = conn.sock.sendmsg(views, [], socket.MSG_NOSIGNAL)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as e:
-                log.debug("virtio-vsock: host socket of %d->%d failed: %s", conn.local_port, conn.peer_port, e)
-                self._close(conn, rst=True)
+            n = self._send(conn, lambda: conn.sock.sendmsg(views, [], socket.MSG_NOSIGNAL))
+            if n is None:
                 return
         if n < length:
             conn.to_host += b"".join(views)[n:]
