@@ -5,9 +5,10 @@ import threading
 import pytest
 
 from popek.emulate import RFLAGS_AC, RFLAGS_CF, RFLAGS_OF, RFLAGS_PF, RFLAGS_SF, RFLAGS_ZF, EmulationFailure, Emulator
-from popek.kvm.abi import kvm_regs, kvm_sregs, kvm_xsave
+from popek.kvm.abi import kvm_xsave
 from popek.kvm.system import InternalError
 from popek.memory import GuestMemory
+from fakevcpu import FakeRegsVcpu
 
 KERNEL = 0xFFFF_FFFF_8000_0000  # 1 GiB page -> guest physical 0
 CODE = 0x10_0000  # physical address of the code page; RIP = KERNEL + CODE
@@ -18,26 +19,14 @@ UNMAPPED = EDGE + 0x1000
 RIP = KERNEL + CODE
 
 
-class FakeVcpu:
+class FakeVcpu(FakeRegsVcpu):
     """The VcpuFd subset the emulator uses, holding kvm_regs/kvm_sregs/kvm_xsave and recording injections."""
 
     def __init__(self, index=0):
-        self.index = index
-        self.regs, self.sregs, self.xsave = kvm_regs(), kvm_sregs(), kvm_xsave()
+        super().__init__(index)
+        self.xsave = kvm_xsave()
         self.xsave.region[6], self.xsave.region[7] = 0x1F80, 0xFFFF  # MXCSR, MXCSR_MASK as KVM_GET_XSAVE gave them
         self.injected = []
-
-    def get_regs(self):
-        return kvm_regs.from_buffer_copy(self.regs)
-
-    def set_regs(self, regs):
-        self.regs = kvm_regs.from_buffer_copy(regs)
-
-    def get_sregs(self):
-        return kvm_sregs.from_buffer_copy(self.sregs)
-
-    def set_sregs(self, sregs):
-        self.sregs = kvm_sregs.from_buffer_copy(sregs)
 
     def get_xsave(self):
         return kvm_xsave.from_buffer_copy(self.xsave)

@@ -4,10 +4,11 @@ import struct
 
 import pytest
 
-from popek.kvm.abi import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, kvm_regs, kvm_sregs
+from popek.kvm.abi import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, kvm_sregs
 from popek.kvm.system import Debug
 from popek.memory import GuestMemory
 from popek.repair import MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK, SyscallRepair
+from fakevcpu import FakeRegsVcpu
 
 KERNEL = 0xFFFF_FFFF_8000_0000  # 1 GiB page -> guest physical 0
 IDT, IDT2 = 0x6000, 0x7000  # physical; linear KERNEL + x
@@ -20,26 +21,13 @@ ARMED = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP
 STEP = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
 
 
-class FakeVcpu:
+class FakeVcpu(FakeRegsVcpu):
     """The VcpuFd contract subset SyscallRepair uses; records set_guest_debug calls."""
 
     def __init__(self, index=0):
-        self.index = index
-        self.regs, self.sregs = kvm_regs(), kvm_sregs()
+        super().__init__(index)
         self.msrs = {MSR_STAR: STAR, MSR_LSTAR: LSTAR, MSR_SYSCALL_MASK: SFMASK}
         self.debug = []
-
-    def get_regs(self):
-        return kvm_regs.from_buffer_copy(self.regs)
-
-    def set_regs(self, regs):
-        self.regs = kvm_regs.from_buffer_copy(regs)
-
-    def get_sregs(self):
-        return kvm_sregs.from_buffer_copy(self.sregs)
-
-    def set_sregs(self, sregs):
-        self.sregs = kvm_sregs.from_buffer_copy(sregs)
 
     def get_msrs(self, indices):
         return {i: self.msrs[i] for i in indices}
