@@ -37,9 +37,14 @@ class GuestRegion:
             raise GuestMemoryError(f"region {self.gpa:#x}+{self.size:#x} is not page aligned")
         if self.fd < 0:
             self.fd = os.memfd_create(f"popek-ram-{self.gpa:x}", os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, self.size)
-        if self.map is None:
-            self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            if self.map is None:
+                os.ftruncate(self.fd, self.size)
+                self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
 
     @property
     def end(self) -> int:
@@ -72,7 +77,13 @@ class GuestMemory:
         for (a, asz), (b, _) in zip(spans, spans[1:]):
             if a + asz > b:
                 raise GuestMemoryError(f"regions {a:#x}+{asz:#x} and {b:#x} overlap")
-        self.regions = [GuestRegion(gpa, size) for gpa, size in spans]
+        self.regions = []
+        try:
+            for gpa, size in spans:
+                self.regions.append(GuestRegion(gpa, size))
+        except BaseException:
+            self.close()  # the regions made before the one that failed
+            raise
 
     @classmethod
     def x86(cls, size: int) -> "GuestMemory":

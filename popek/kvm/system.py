@@ -408,7 +408,12 @@ class VcpuFd:
         self.vm = vm
         self.index = index
         self.fd = fd
-        self._map = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            self._map = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            self.fd = -1
+            raise
         self.kvm_run = kvm_run.from_buffer(self._map)
         self._pending: tuple[int, int] | None = None  # (offset in the run area, length) awaiting complete_io
 

@@ -238,3 +238,23 @@ def test_dirty_log_marks_the_page_the_guest_writes_and_resets_on_read(machine):
     assert dirty(first, page)
     assert not dirty(m.vm.get_dirty_log(0, npages), page), "bitmap not reset while the guest is paused"
     v.resume()
+
+
+@pytest.mark.kvm
+def test_a_vcpu_whose_run_area_cannot_be_mapped_closes_its_fd(kvm, monkeypatch):
+    import os
+
+    from popek.kvm import system
+
+    vm = kvm.create_vm()
+    try:
+        def failing_mmap(*args, **kwargs):
+            raise OSError(12, "Cannot allocate memory")
+
+        before = set(os.listdir("/proc/self/fd"))
+        monkeypatch.setattr(system.mmap, "mmap", failing_mmap)
+        with pytest.raises(OSError):
+            vm.create_vcpu(0)
+        assert set(os.listdir("/proc/self/fd")) == before
+    finally:
+        vm.close()
