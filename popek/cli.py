@@ -28,7 +28,32 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     return (BootError, ImageError, KvmError, VmError, ValueError, OSError)
 
 
-@click.group()
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+class PopekGroup(click.Group):
+    """click's group, except that a usage error (unknown option, ``--cpus banana``) prints one ``popek: error:`` line
+    and a pointer to ``--help`` (exit 2) instead of click's multi-line usage block, like every other refusal."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as e:  # `popek` or `popek image` alone: the help text, as click prints it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            command = e.ctx.command_path if e.ctx is not None else "popek"
+            fail(f"{e.format_message()} (see `{command} --help`)")
+        except click.ClickException as e:
+            fail(e.format_message(), e.exit_code)
+        except click.Abort:
+            fail("aborted", 130)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=PopekGroup)
 @click.version_option(package_name="popek")
 def main() -> None:
     """Popek: a virtual machine monitor on Linux KVM."""

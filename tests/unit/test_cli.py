@@ -243,3 +243,15 @@ def test_vm_constructor_closes_vcpu_fds_when_vcpu_setup_fails(tmp_path, kernel, 
         Vm(VmConfig(kernel=kernel, cmdline="console=ttyS0", memory=64 * MiB, cpus=3))
     assert len(calls) == 2
     assert open_fds() == before
+
+
+@pytest.mark.parametrize("args, words", [(["run", "--cpus", "banana", "--", "true"], ["--cpus", "banana", "--help"]),
+                                         (["run", "--no-such-option"], ["--no-such-option"]),
+                                         (["no-such-command"], ["no-such-command"])])
+def test_click_usage_errors_are_one_popek_error_line_with_status_2(args, words):
+    p = subprocess.run([sys.executable, "-m", "popek.cli", *args], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 2
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("popek: error: "), p.stderr
+    assert all(w in lines[0] for w in words), lines[0]
