@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -562,28 +564,48 @@ def console(name):
 @click.argument("name")
 @click.option("--follow", "-f", is_flag=True, help="keep printing new output until the VM ends")
 def logs(name, follow):
-    """Print VM NAME's console output (kept after the VM ended, until `popek rm`)."""
+    """Print VM NAME's console output (kept after the VM ended, until `popek rm`; the VMM keeps the last 8-16 MiB:
+    console.log and, once it filled, console.log.1)."""
+    from popek.vmm import rotated_log
+
     e = _entry(name)
     path = RuntimeDir(name).console_log
     out = sys.stdout.buffer
     try:
-        with open(path, "rb") as f:
+        with contextlib.suppress(FileNotFoundError), open(rotated_log(path), "rb") as old:
+            shutil.copyfileobj(old, out)
+        f = open(path, "rb")
+        try:
             while True:
                 data = f.read(65536)
                 if data:
                     out.write(data)
                     out.flush()
                     continue
+                if follow and _rotated(f, path):  # the VMM moved the full log to .1: go on in the new one
+                    f.close()
+                    f = open(path, "rb")
+                    continue
                 if not follow or not process_alive(e.pid, e.start_time):
                     if follow and (data := f.read()):  # what the VMM wrote just before it ended
                         out.write(data)
                     break
                 time.sleep(0.2)
+        finally:
+            f.close()
     except FileNotFoundError:
         fail(f"VM {name!r} has no console log ({path})", 1)
     except KeyboardInterrupt:
         pass
     out.flush()
+
+
+def _rotated(f, path: Path) -> bool:
+    """Whether ``path`` now names another file than the open log ``f`` (the VMM rotated it)."""
+    try:
+        return os.stat(path).st_ino != os.fstat(f.fileno()).st_ino
+    except FileNotFoundError:
+        return False
 
 
 # ---- snapshots ----------------------------------------------------------------------------------------------------

@@ -30,6 +30,9 @@ RESULT_JSON = "result.json"
 VMM_LOG = "vmm.log"
 #: A console client that falls this far behind the guest's output is disconnected (bytes).
 MAX_CLIENT_BACKLOG = 1 << 20
+#: The console log is rotated at this size: console.log becomes console.log.1 (the older .1 goes), so a chatty
+#: guest costs at most twice this on the host's disk (bytes).
+MAX_CONSOLE_LOG = 8 << 20
 #: How often the main loop looks whether the VM has ended or a signal asked it to stop (seconds).
 POLL_S = 0.2
 
@@ -87,6 +90,11 @@ def apply_spec(controller: Controller, spec: VmSpec) -> None:
         controller.start()
 
 
+def rotated_log(path: Path) -> Path:
+    """Where ``ConsoleHub`` moves a full console log: ``<path>.1``."""
+    return path.with_name(path.name + ".1")
+
+
 def write_result(path: Path, record: dict) -> None:
     """Write ``record`` as JSON to ``path`` atomically (temporary file, fsync, rename)."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
@@ -103,15 +111,19 @@ class ConsoleHub:
     ``MAX_CLIENT_BACKLOG`` bytes behind is disconnected. New clients get output from the moment they connect (the
     log has the rest). One thread serves the socket; ``output`` may be called from any thread.
 
-    :param log_path: the console log, opened for appending (it survives the VMM: ``popek logs``).
+    :param log_path: the console log, opened for appending (it survives the VMM: ``popek logs``); rotated to
+        ``<log_path>.1`` when it reaches ``max_log`` bytes.
     :param socket_path: where to listen (mode 0600); an old file there is replaced.
     :param on_input: called on the hub's thread with each chunk a client sends.
     """
 
-    def __init__(self, log_path: Path, socket_path: Path, on_input: Callable[[bytes], None]):
+    def __init__(self, log_path: Path, socket_path: Path, on_input: Callable[[bytes], None], *,
+                 max_log: int = MAX_CONSOLE_LOG):
         self.socket_path = Path(socket_path)
         self.on_input = on_input
-        self._log = open(os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab", buffering=0)
+        self.log_path, self.max_log = Path(log_path), max_log
+        self._log = self._open_log()
+        self._log_lock = threading.Lock()
         self._clients: dict[socket.socket, bytearray] = {}
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
@@ -127,13 +139,21 @@ class ConsoleHub:
 
     def output(self, data: bytes) -> None:
         """Guest output: append to the log, queue for every client."""
-        self._log.write(data)
+        with self._log_lock:
+            if self._log.tell() + len(data) > self.max_log and self._log.tell() > 0:
+                self._log.close()
+                os.replace(self.log_path, rotated_log(self.log_path))
+                self._log = self._open_log()
+            self._log.write(data)
         with self._lock:
             if not self._clients:
                 return
             for buf in self._clients.values():
                 buf += data
         self._wake()
+
+    def _open_log(self):
+        return open(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab", buffering=0)
 
     def _wake(self) -> None:
         try:

@@ -470,3 +470,21 @@ def test_start_refuses_the_name_of_an_ended_vm_until_it_is_removed(runtime_base)
     _dead_vm("ended", "stopped", runtime_base)
     r = CliRunner().invoke(cli_main, ["start", "--name", "ended", "--kernel", "/nonexistent", "--", "true"])
     assert r.exit_code == 2 and "taken by an ended VM" in r.stderr
+
+
+def test_console_log_rotates_to_dot_1_at_its_limit_keeping_the_newest_output(tmp_path):
+    h = ConsoleHub(tmp_path / "console.log", tmp_path / "console.sock", on_input=lambda data: None, max_log=100)
+    try:
+        for i in range(7):
+            h.output(f"line {i:02d} ".encode() * 4)  # 32 bytes each
+    finally:
+        h.close()
+    assert (tmp_path / "console.log.1").read_bytes() == b"".join(f"line {i:02d} ".encode() * 4 for i in (3, 4, 5))
+    assert (tmp_path / "console.log").read_bytes() == b"line 06 " * 4
+
+
+def test_logs_prints_the_rotated_log_before_the_current_one(runtime_base):
+    ended = _dead_vm("ended", "stopped", runtime_base)
+    ended.console_log.with_name("console.log.1").write_bytes(b"older\r\n")
+    ended.console_log.write_bytes(b"newer\r\n")
+    assert CliRunner().invoke(cli_main, ["logs", "ended"]).stdout_bytes == b"older\r\nnewer\r\n"
