@@ -17,6 +17,9 @@ CMDLINE = 0x20000
 CMDLINE_MAX = 0x10000
 #: Extended BIOS data area where the MP floating pointer and MP table go (Intel MP spec 1.4, section 4).
 EBDA_START = 0x9FC00
+#: The MP configuration table (its floating pointer stays in the EBDA): the BIOS area, room for 254 CPUs' entries.
+MP_TABLE = 0xF0000
+MP_TABLE_END = 0x100000
 #: Legacy hole that the e820 map reports as reserved (EBDA, VGA, option ROMs, BIOS).
 LEGACY_HOLE_START = 0x9FC00
 LEGACY_HOLE_END = 0x100000

@@ -1,4 +1,4 @@
-"""Intel MultiProcessor Specification 1.4 tables: the MP floating pointer and the MP configuration table in the EBDA."""
+"""Intel MultiProcessor Specification 1.4 tables: the MP floating pointer (EBDA) and configuration table (BIOS area)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ PROCESSOR, BUS, IOAPIC, IO_INTERRUPT, LOCAL_INTERRUPT = range(5)
 MP_INT, MP_NMI, MP_SMI, MP_EXTINT = range(4)
 #: Interrupt entry flags (table 4-10): polarity bits 0-1 and trigger bits 2-3; 0 = "conforms to the bus".
 PCI_FLAGS = 0x3 | (0x3 << 2)  # PCI INTx: active low, level triggered
-TABLE_END = 0xA0000  # the EBDA ends where VGA memory starts
 
 _FLOATING = struct.Struct("<4sIBBBB4s")  # 16 bytes, MP spec 4.1
 _HEADER = struct.Struct("<4sHBB8s12sIHHIHBB")  # 44 bytes, MP spec 4.2
@@ -39,7 +38,9 @@ def _checksum(data: bytes) -> int:
 
 def write_mptable(mem: GuestMemory, num_cpus: int, *, ioapic_id: int, ioapic_addr: int = layout.IOAPIC_BASE,
                   isa_irqs: Iterable[int] = range(16), pci_irqs: Iterable[tuple[int, int, int]] = ()) -> int:
-    """Write the MP floating pointer ("_MP_") at layout.EBDA_START and the MP configuration table ("PCMP") after it.
+    """Write the MP floating pointer ("_MP_") at layout.EBDA_START and the MP configuration table ("PCMP") at
+    layout.MP_TABLE (0xF0000, the BIOS area; MP spec 4: the table may be anywhere the pointer's PHYSICAL ADDRESS
+    POINTER names). Both lie in the legacy hole that the e820 map reports reserved.
 
     Linux finds the floating pointer by scanning the last KiB of base memory (0x9FC00, MP spec 4 / appendix D).
     Entries: one processor per CPU (local APIC IDs 0..num_cpus-1, CPU 0 flagged BSP), buses "PCI   " (ID 0) and
@@ -54,8 +55,8 @@ def write_mptable(mem: GuestMemory, num_cpus: int, *, ioapic_id: int, ioapic_add
     :param isa_irqs: ISA IRQ numbers (0..15) that get entries.
     :param pci_irqs: ``(device, intx, ioapic_pin)`` for PCI bus 0: device 0..31, intx 0..3 for INTA#..INTD#;
         active low, level triggered.
-    :returns: bytes written from layout.EBDA_START (floating pointer plus table).
-    :raises MpTableError: parameters out of range, or the table would pass 0xA0000 (39 CPUs fit).
+    :returns: the configuration table's length in bytes.
+    :raises MpTableError: parameters out of range, or guest RAM that does not hold the EBDA and BIOS area.
     """
     if not 1 <= num_cpus <= MAX_CPUS:
         raise MpTableError(f"{num_cpus} CPUs: the MP table describes 1..{MAX_CPUS}")
@@ -79,11 +80,9 @@ def write_mptable(mem: GuestMemory, num_cpus: int, *, ioapic_id: int, ioapic_add
                 _ENTRY8.pack(LOCAL_INTERRUPT, MP_NMI, 0, BUS_ISA, 0, 0xFF, 1)]
 
     body = b"".join(entries)
-    table_addr = layout.EBDA_START + _FLOATING.size
+    table_addr = layout.MP_TABLE
     length = _HEADER.size + len(body)
-    if table_addr + length > TABLE_END:
-        raise MpTableError(f"MP table for {num_cpus} CPUs needs {_FLOATING.size + length} bytes at "
-                           f"{layout.EBDA_START:#x} but only {TABLE_END - layout.EBDA_START} fit below {TABLE_END:#x}")
+    assert table_addr + length <= layout.MP_TABLE_END  # 254 CPUs and 32 PCI devices need ~5.6 KiB
     header = _HEADER.pack(b"PCMP", length, MP_SPEC_REV, 0, b"POPEK   ", b"POPEK VM    ", 0, 0, len(entries),
                           layout.LAPIC_BASE, 0, 0, 0)
     table = bytearray(header + body)
@@ -91,7 +90,8 @@ def write_mptable(mem: GuestMemory, num_cpus: int, *, ioapic_id: int, ioapic_add
     floating = bytearray(_FLOATING.pack(b"_MP_", table_addr, 1, MP_SPEC_REV, 0, 0, bytes(4)))
     floating[10] = _checksum(floating)
     try:
-        mem.write(layout.EBDA_START, bytes(floating) + table)
+        mem.write(layout.EBDA_START, bytes(floating))
+        mem.write(table_addr, bytes(table))
     except GuestMemoryError as e:
-        raise MpTableError(f"cannot write the MP table at {layout.EBDA_START:#x}: {e}") from None
-    return _FLOATING.size + length
+        raise MpTableError(f"cannot write the MP table at {layout.EBDA_START:#x} and {table_addr:#x}: {e}") from None
+    return length

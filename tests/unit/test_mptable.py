@@ -41,7 +41,7 @@ def test_checksums_sum_to_zero_and_table_length_matches_entries(mem, cpus):
     fp, table, entries = parse(mem)
     assert sum(fp) % 256 == 0 and fp[8] == 1 and fp[9] == 4
     assert sum(table) % 256 == 0 and table[6] == 4
-    assert size == 16 + len(table)
+    assert size == len(table)
     assert struct.unpack_from("<I", table, 36)[0] == layout.LAPIC_BASE
 
 
@@ -86,10 +86,12 @@ def test_pci_interrupt_entries_encode_device_and_intx_level_low(mem):
     assert pci == [(0xF, 3 << 2 | 0, 16), (0xF, 4 << 2 | 1, 17)]
 
 
-def test_39_cpus_fit_below_the_vga_hole_and_40_do_not(mem):
-    assert layout.EBDA_START + write_mptable(mem, 39, ioapic_id=39) <= 0xA0000
-    with pytest.raises(MpTableError, match="only 1024 fit below 0xa0000"):
-        write_mptable(mem, 40, ioapic_id=40)
+def test_254_cpus_fit_in_the_bios_area_and_every_processor_is_listed(mem):
+    length = write_mptable(mem, 254, ioapic_id=254, pci_irqs=[(s, 0, 16 + s % 8) for s in range(1, 32)])
+    fp, table, entries = parse(mem)
+    assert struct.unpack_from("<I", fp, 4)[0] == layout.MP_TABLE
+    assert layout.MP_TABLE + length <= layout.MP_TABLE_END
+    assert [e[1] for t, e in entries if t == 0] == list(range(254))
 
 
 @pytest.mark.parametrize("cpus, ioapic_id, message", [
