@@ -32,11 +32,19 @@ MARKER = "popek-bench-marker"
 
 @dataclass
 class Run:
+    """One VMM run: ``init_s`` when MARKER appeared, ``exit_s`` its end (None: killed at the timeout), peak RSS,
+    the last console line, ``ok`` (every mark seen, no timeout); ``marks`` maps each mark seen to (seconds since
+    start, the VMM process's CPU seconds then), ``output`` is all it printed, ``stopped_on`` the output line that
+    made ``timed`` kill it (one of its ``stop_on`` texts), else None."""
+
     init_s: float | None
     exit_s: float | None
     rss_mib: float
     last_line: str
     ok: bool
+    marks: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+    output: bytes = b""
+    stopped_on: str | None = None
 
 
 @dataclass
@@ -45,20 +53,38 @@ class Row:
     runs: list[Run] = field(default_factory=list)
 
 
-def timed(argv: list[str], timeout: float) -> Run:
-    """Start ``argv``, watch its stdout for the marker, wait for it to end (or kill it at ``timeout``)."""
+def timed(argv: list[str], timeout: float, marks: tuple[str, ...] = (MARKER,), pass_fds=(),
+          stop_on: tuple[str, ...] = ()) -> Run:
+    """Start ``argv`` (with ``pass_fds`` open in it), watch its stdout for each of ``marks`` (noting the time and
+    the process's CPU seconds when it first appears), wait for it to end (or kill it at ``timeout``, or as soon as
+    it prints one of ``stop_on``: e.g. QEMU's "KVM internal error", after which it pauses the VM for good)."""
+    import popek.cli  # noqa: F401  (loads the CLI modules in their order; cli_vms alone is a circular import)
+    from popek.cli_vms import process_cpu_seconds
+
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    seen: dict[str, float] = {}
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            pass_fds=pass_fds)
+    seen: dict[str, tuple[float, float | None]] = {}
     lines: list[str] = [""]
+    out = bytearray()
+    stopped: list[str] = []
 
     def reader() -> None:
-        buf = b""
+        buf = out
+        longest = max(map(len, marks), default=0)
         for chunk in iter(lambda: proc.stdout.read1(4096), b""):
             buf += chunk
             # The command line carries the command base64-encoded, so the marker text appears only when it runs.
-            if "init" not in seen and MARKER.encode() in buf:
-                seen["init"] = time.monotonic() - t0
+            for m in marks:
+                if m not in seen and buf.find(m.encode(), max(0, len(buf) - len(chunk) - longest)) >= 0:
+                    seen[m] = (time.monotonic() - t0, process_cpu_seconds(proc.pid))
+            for text in stop_on:
+                at = buf.find(text.encode(), max(0, len(buf) - len(chunk) - len(text)))
+                if at >= 0 and not stopped:
+                    start = buf.rfind(b"\n", 0, at) + 1
+                    stopped.append(buf[start:buf.find(b"\n", at) if b"\n" in buf[at:] else None].decode(
+                        errors="replace").strip())
+                    proc.kill()
             text = buf[-400:].decode(errors="replace").replace("\r", "")
             tail = [ln for ln in text.split("\n") if ln.strip()]
             if tail:
@@ -80,7 +106,22 @@ def timed(argv: list[str], timeout: float) -> Run:
     exit_s = None if timed_out else time.monotonic() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     th.join(2)
-    return Run(seen.get("init"), exit_s, ru.ru_maxrss / 1024, lines[0], "init" in seen and not timed_out)
+    init = seen.get(MARKER)
+    return Run(init and init[0], exit_s, ru.ru_maxrss / 1024, lines[0],
+               len(seen) == len(marks) and not timed_out and not stopped, seen, bytes(out),
+               stopped[0] if stopped else None)
+
+
+def qemu_argv(qemu: str, machine: str, memory: str, kernel: Path, initrd: Path | None, cmdline: str) -> list[str]:
+    """QEMU booting ``kernel`` (a vmlinux ELF boots through its PVH note) with ``initrd`` and ``cmdline`` on
+    ``machine``, no default devices, the serial console on stdout, exiting when the guest resets."""
+    argv = [qemu, "-M", machine, "-m", memory.rstrip("iB"), "-nodefaults", "-no-user-config", "-nographic",
+            "-serial", "stdio", "-no-reboot", "-kernel", str(kernel), "-append", cmdline]
+    return argv + (["-initrd", str(initrd)] if initrd else [])
+
+
+#: QEMU with KVM on this KVM needs the arch-capabilities MSR hidden (environment notes); TCG is pure emulation.
+QEMU_ACCELS = {"qemu-kvm": ["-enable-kvm", "-cpu", "host,-arch-capabilities"], "qemu-tcg": ["-accel", "tcg"]}
 
 
 def main() -> None:
@@ -103,12 +144,8 @@ def main() -> None:
     vmms: dict[str, list[str]] = {"popek": popek + ["--", "sh", "-c", cmd]}
     qemu = shutil.which("qemu-system-x86_64")
     if qemu:
-        base = [qemu, "-M", "microvm", "-m", args.memory.rstrip("iB"), "-nodefaults", "-no-user-config",
-                "-nographic", "-serial", "stdio", "-no-reboot", "-kernel", str(kernel), "-append", cmdline]
-        if initrd:
-            base += ["-initrd", str(initrd)]
-        vmms["qemu-kvm"] = base + ["-enable-kvm", "-cpu", "host,-arch-capabilities"]
-        vmms["qemu-tcg"] = base + ["-accel", "tcg"]
+        base = qemu_argv(qemu, "microvm", args.memory, kernel, initrd, cmdline)
+        vmms.update({name: base + accel for name, accel in QEMU_ACCELS.items()})
     else:
         print("qemu-system-x86_64 not found: apt-get install qemu-system-x86 to compare", file=sys.stderr)
 

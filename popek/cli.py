@@ -9,6 +9,7 @@ import time
 
 import click
 
+from popek.images.rootfs import ROOTFS_KINDS
 from popek.runner import DEFAULT_KERNEL, IMAGE_KINDS, VM
 
 PROCESS_START = time.monotonic()
@@ -53,6 +54,41 @@ class PopekGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
+#: ``--drive`` and ``--net`` of `popek run` and `popek start` (parsed by popek.runner.parse_drive / parse_net).
+drive_option = click.option("--drive", "drives", multiple=True, metavar="path=FILE[,readonly=on][,serial=ID]",
+                            help="attach a raw disk image as virtio-blk (repeatable; the first is /dev/vda)")
+net_option = click.option("--net", "nets", multiple=True, is_flag=False, flag_value="",
+                          metavar="[tap=NAME][,host=ADDR/PREFIX][,guest=ADDR][,mac=MAC]",
+                          help="add virtio-net on a new tap, removed with the VM (repeatable; `--net` alone: tap "
+                               "popek<N> on a free /30 of 172.30.0.0/16, host .1, guest .2; the guest configures "
+                               "it, the first interface's host address is its default route)")
+
+
+def rootfs_options(f):
+    """`--rootfs debian|PATH [--persist] [--rootfs-size SIZE]` of `popek run` and `popek start` (popek.rootfs)."""
+    f = click.option("--rootfs-size", default=None, metavar="SIZE",
+                     help="with --rootfs debian: the image built with this size")(f)
+    f = click.option("--persist", is_flag=True,
+                     help="with --rootfs debian: boot the cached image itself, keeping writes")(f)
+    return click.option("--rootfs", default=None, metavar="debian|PATH",
+                        help="boot from a root file system as /dev/vda, no initramfs: Popek's Debian image (a "
+                             "private copy unless --persist) or an ext4 image PATH (used in place: writes persist)")(f)
+
+
+def check_rootfs_options(rootfs, persist, rootfs_size) -> None:
+    """Refuse --persist or --rootfs-size without --rootfs (exit 2)."""
+    if (persist or rootfs_size) and rootfs is None:
+        fail("--persist and --rootfs-size go with --rootfs")
+
+
+def jail_options(f):
+    """`--jail [--uid N --gid N]`: run a detached VM's VMM in its jail (``popek.jail``)."""
+    f = click.option("--gid", type=int, default=None, help="with --jail: the VMM's gid (default 65534)")(f)
+    f = click.option("--uid", type=int, default=None, help="with --jail: the VMM's uid (default 65534)")(f)
+    return click.option("--jail", is_flag=True, help="run the VMM in its own namespaces, chroot, unprivileged "
+                        "uid/gid and seccomp filter (needs root)")(f)
+
+
 @click.group(cls=PopekGroup)
 @click.version_option(package_name="popek")
 def main() -> None:
@@ -72,23 +108,35 @@ def main() -> None:
 @click.option("--profile-interval", default=0.02, show_default=True, type=float, help="seconds between samples")
 @click.option("--system-map", default=None, metavar="PATH", help="System.map to symbolize the profile")
 @click.option("--no-extract", is_flag=True, help="boot a bzImage through its own decompressor")
-@click.option("--drive", "drives", multiple=True, metavar="path=FILE[,readonly=on][,serial=ID]",
-              help="attach a raw disk image as virtio-blk (repeatable; the first is /dev/vda)")
+@drive_option
 @click.option("--no-rng", is_flag=True, help="no virtio-rng device (/dev/hwrng) in the guest")
+@net_option
+@rootfs_options
+@click.option("--vsock", "vsock", default=None, metavar="PATH",
+              help="add virtio-vsock with its Unix socket at PATH (Firecracker's hybrid vsock; the guest agent is on "
+                   "port 52); detached VMs always get one in their runtime directory")
 @click.option("--detach", "-d", is_flag=True, help="run in the background in its own VMM process (see `popek ps`)")
 @click.option("--name", default=None, help="with --detach: the VM's name (default: generated)")
+@jail_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(kernel, initrd, append, memory, cpus, stats, stats_json, profile, profile_interval, system_map, no_extract,
-        drives, no_rng, detach, name, command):
+        drives, no_rng, nets, rootfs, persist, rootfs_size, vsock, detach, name, jail, uid, gid, command):
     """Boot a guest and run COMMAND in it (after `--`); with no COMMAND, an interactive shell.
 
     Exits with the guest command's exit status. With --detach, prints the VM's name and returns once it runs.
     """
+    check_rootfs_options(rootfs, persist, rootfs_size)
+    if jail and not detach:
+        fail("--jail goes with --detach (the jailed VMM is a detached VM's own process)")
     if detach:
-        if drives or stats or stats_json or profile or no_extract:
-            fail("--detach does not take --drive, --stats, --profile or --no-extract yet")
+        if stats or stats_json or profile or no_extract or no_rng:
+            fail("--detach does not take --stats, --profile, --no-extract or --no-rng yet")
+        if vsock is not None:
+            fail("--detach puts the VM's vsock socket in its runtime directory (`popek exec` finds it); no --vsock")
         click.echo(cli_vms.start_detached(name, list(command) or None, kernel=kernel, initrd=initrd, append=append,
-                                          memory=memory, cpus=cpus))
+                                          memory=memory, cpus=cpus, drives=drives, nets=nets, jail=jail,
+                                          uid=uid, gid=gid, rootfs=rootfs, persist=persist,
+                                          rootfs_size=rootfs_size))
         return
     from popek.console import Console
     from popek.profiler import Profiler, SystemMap
@@ -97,11 +145,14 @@ def run(kernel, initrd, append, memory, cpus, stats, stats_json, profile, profil
     try:
         vm = VM(list(command) or None, kernel=kernel, initrd=initrd, memory=memory, cpus=cpus, append=append,
                 on_output=lambda data: (out.write(data), out.flush()), progress=True,
-                extract_payload=not no_extract, drives=list(drives), rng=not no_rng)
+                extract_payload=not no_extract, drives=list(drives), rng=not no_rng, nets=list(nets),
+                rootfs=rootfs, persist=persist, rootfs_size=rootfs_size, vsock=vsock)
     except _bad_input_errors() as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail("interrupted before the VM started", 130)
+    for n in vm.nets:
+        click.echo(f"popek: tap {n.tap} {n.host} <-> guest {n.guest} ({n.mac})", err=True)
     smap_path = system_map or vm.system_map
     profiler = Profiler(vm.vcpus, profile_interval) if profile else None
     interactive = not command
@@ -200,15 +251,27 @@ def image() -> None:
 
 @image.command("build")
 @click.option("--kernel", "kinds", multiple=True, type=click.Choice(IMAGE_KINDS), help="which image (repeatable)")
+@click.option("--rootfs", "rootfs_kinds", multiple=True, type=click.Choice(ROOTFS_KINDS),
+              help="a root file system image (ext4, for `popek run --rootfs`; needs root and debootstrap)")
+@click.option("--rootfs-size", default=None, metavar="SIZE",
+              help="with --rootfs: the image's size (default: its files + 10% + 256 MiB; sparse)")
 @click.option("--force", is_flag=True, help="rebuild even if cached")
-def image_build(kinds, force) -> None:
-    """Build guest images into the cache (default: the default guest)."""
+def image_build(kinds, rootfs_kinds, rootfs_size, force) -> None:
+    """Build guest images into the cache (default: the default guest; with only --rootfs, just that)."""
     from popek.images.build import build_image
+    from popek.images.rootfs import build_rootfs
+    from popek.runner import parse_size
 
     try:
-        for kind in kinds or (DEFAULT_KERNEL,):
+        if rootfs_size is not None and not rootfs_kinds:
+            raise ValueError("--rootfs-size goes with --rootfs")
+        size = None if rootfs_size is None else parse_size(rootfs_size)
+        for kind in kinds or (() if rootfs_kinds else (DEFAULT_KERNEL,)):
             img = build_image(kind, progress=True, force=force)
             click.echo(f"{img.name}: kernel {img.kernel}  initrd {img.initrd}  ({img.version})")
+        for kind in rootfs_kinds:
+            root = build_rootfs(kind, size=size, progress=True, force=force)
+            click.echo(f"{root.name}: rootfs {root.path}  ({root.suite}, {root.size >> 20} MiB, sparse)")
     except _bad_input_errors() as e:
         fail(str(e))
 
@@ -221,6 +284,15 @@ def image_list() -> None:
     for kind in IMAGE_KINDS:
         img = find_image(kind)
         click.echo(f"{kind:8} " + (f"{img.version}  {img.kernel.parent}" if img else "not built"))
+    from popek.images.rootfs import find_rootfs
+
+    for kind in ROOTFS_KINDS:
+        try:
+            root = find_rootfs(kind)
+        except _bad_input_errors() as e:
+            click.echo(f"rootfs {kind:8} cannot be built here: {e}")
+            continue
+        click.echo(f"rootfs {kind} " + (f"{root.suite}  {root.path}" if root else "not built"))
 
 
 @main.command()
@@ -242,6 +314,8 @@ def info() -> None:
 
 
 from popek import cli_vms  # noqa: E402,F401  (registers the VM lifecycle commands: start, ps, stop, ...)
+from popek import cli_balloon  # noqa: E402,F401  (registers `popek balloon`)
+from popek import cli_exec  # noqa: E402,F401  (registers `popek exec`)
 
 if __name__ == "__main__":
     # Run as `python -m popek.cli`, this file is __main__ and a second copy is imported as popek.cli, which is the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import click
 
-from popek.cli import _bad_input_errors, fail, main
+from popek.cli import _bad_input_errors, check_rootfs_options, drive_option, fail, jail_options, main, net_option, \
+    rootfs_options
 from popek.runtime import RuntimeDir, VmEntry, process_alive, validate_name
 
 #: Seconds `popek start` waits for the new VMM's API to answer GET / with the VM running.
@@ -44,10 +46,14 @@ def _cgroup(name: str):
 
 
 def _remove_vm(name: str) -> None:
-    """Remove VM ``name``'s cgroup (SIGKILLing anything left in it) and then its runtime directory."""
+    """Remove VM ``name``'s cgroup (SIGKILLing anything left in it), its private root disk copy
+    (``popek.rootfs.remove_detached_copy``) and then its runtime directory."""
+    from popek.rootfs import remove_detached_copy
+
     cg = _cgroup(name)
     if cg is not None and any(p.exists() for p in cg.paths):
         cg.remove(force=True)
+    remove_detached_copy(name)
     RuntimeDir(name).remove()
 
 
@@ -162,8 +168,16 @@ def _check_name_free(name: str) -> None:
             fail(f"VM name {name!r} is taken by an ended VM; `popek rm {name}` first")
 
 
-def _spawn_vmm(name: str) -> subprocess.Popen:
-    """Start ``python -m popek.vmm`` for VM ``name`` in a new session; it waits for its spec on stdin."""
+def _spawn_vmm(name: str, jail: tuple[int, int] | None = None) -> subprocess.Popen:
+    """Start ``python -m popek.vmm`` for VM ``name`` in a new session; it waits for its spec on stdin. With ``jail``
+    (uid, gid) it starts in its jail (``popek.jail.spawn``: the Popen is the launcher's, ``vmm_pid`` the VMM's)."""
+    if jail is not None:
+        from popek.jail import JailError, spawn
+
+        try:
+            return spawn(name, RuntimeDir(name).base, *jail)
+        except JailError as e:
+            fail(f"cannot start VM {name!r}: {e}", 1)
     return subprocess.Popen([sys.executable, "-m", "popek.vmm", "--name", name, "--base", str(RuntimeDir(name).base),
                              "--spec-stdin"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True, cwd="/")
@@ -174,12 +188,15 @@ def _adopt_vmm(child: subprocess.Popen, name: str, info: dict, spec: dict, layou
     none) with ``limits``, then hand it ``spec`` — in that order, so all guest memory is charged to the cgroup."""
     from popek.cgroups import VmCgroup
 
-    rd = RuntimeDir.create(name, info, pid=child.pid)
+    vmm_pid = getattr(child, "vmm_pid", child.pid)  # a jailed VMM is the launcher's child (popek.jail.spawn)
+    rd = RuntimeDir.create(name, info, pid=vmm_pid)
     if layout is not None:
         cg = VmCgroup(name, layout)
         if any(p.exists() for p in cg.paths):  # left by a dead VM of this name: the name is ours now
             cg.remove(force=True)
-        VmCgroup.create(name, layout=layout, **limits).add_pid(child.pid)
+        cg = VmCgroup.create(name, layout=layout, **limits)
+        for pid in dict.fromkeys((child.pid, vmm_pid)):
+            cg.add_pid(pid)
     child.stdin.write(json.dumps({"spec": spec}).encode())
     child.stdin.close()
     return rd
@@ -188,7 +205,10 @@ def _adopt_vmm(child: subprocess.Popen, name: str, info: dict, spec: dict, layou
 def start_detached(name: str | None, command: list[str] | str | None = None, *, kernel=None, initrd=None,
                    append: str = "", memory: str | int = "256M", cpus: int = 1, cpu_weight: int | None = None,
                    cpus_max: float | None = None, memory_max: str | int | None = None, pids_max: int | None = None,
-                   timeout: float = START_TIMEOUT) -> str:
+                   timeout: float = START_TIMEOUT, track_dirty_pages: bool = False, drives=(), nets=(),
+                   jail: bool = False, uid: int | None = None, gid: int | None = None, rootfs=None,
+                   persist: bool = False, rootfs_size: str | int | None = None,
+                   free_page_reporting: bool = False) -> str:
     """Start VM ``name`` in its own VMM process (``python -m popek.vmm``, a new session) and return its name.
 
     Order: check the inputs (``popek.runner.check_inputs``, cgroup limits), build or find the guest image, spawn the
@@ -198,17 +218,30 @@ def start_detached(name: str | None, command: list[str] | str | None = None, *, 
     on its API socket answers state Running. On any failure the VMM is killed and its runtime directory and cgroup
     removed. Without limits a host where cgroups are unusable runs the VM without one (with a warning).
 
+    :param track_dirty_pages: machine-config ``track_dirty_pages`` (Diff snapshots; opt-in as in Firecracker).
     :param cpu_weight, cpus_max, memory_max, pids_max: ``popek.cgroups.VmCgroup.create``'s cpu_weight, cpu_max (in
         CPUs), memory_max (a size: bytes or "512M"), pids_max.
+    :param drives, nets: ``--drive``/``--net`` texts or ``DriveConfig``/``NetConfig`` (``popek.runner.parse_drive``,
+        ``parse_net``): the spec's drives (drive_id = the serial, or ``drive<N>``) and network interfaces (addresses
+        and MAC decided here by ``popek.runner.resolve_nets`` and recorded in vm.json; the VMM creates the taps).
+    :param jail, uid, gid: run the VMM in its jail (``popek.jail``) as uid/gid (default 65534); the jail's plan is
+        checked here first (files the uid may not read or write, network interfaces: refused).
+    :param rootfs, persist, rootfs_size: boot from a root file system (``popek.rootfs.detached_root``: "debian" as
+        a private copy kept until ``popek rm``, unless ``persist``; or an ext4 PATH in place) as the root drive.
+    :param free_page_reporting: the VM's balloon (every detached VM has one, ``popek.cli_balloon.detached_balloon``,
+        for `popek balloon`) offers free page reporting.
     :raises SystemExit: via ``popek.cli.fail``, with a message saying what failed and why.
     """
     from popek.api.model import ApiError, BootSource, MachineConfiguration
+    from popek.cli_balloon import detached_balloon
     from popek.cgroups import CgroupError, detect, limit_writes
     from popek.guestcmd import build_cmdline, command_arg
     from popek.kvm.system import detect_flavor
-    from popek.runner import check_inputs, parse_size, resolve_guest
+    from popek.runner import check_inputs, parse_drive, parse_size, resolve_guest, resolve_nets
 
     name = name or f"vm-{secrets.token_hex(3)}"
+    if not jail and (uid is not None or gid is not None):
+        fail("--uid and --gid go with --jail")
     limits = {}
     try:
         validate_name(name)
@@ -218,9 +251,19 @@ def start_detached(name: str | None, command: list[str] | str | None = None, *, 
         limits = {k: v for k, v in dict(cpu_weight=cpu_weight, cpu_max=cpus_max, pids_max=pids_max,
                                         memory_max=None if memory_max is None else parse_size(memory_max)).items()
                   if v is not None}
+        if rootfs is not None:
+            from popek.rootfs import check_boot_inputs, root_append
+
+            if jail:
+                raise ValueError("--jail does not take --rootfs yet (the jailed VMM's uid cannot write the disk)")
+            check_boot_inputs(rootfs, kernel, initrd)
+            append = root_append(append)
+            rootfs_size = None if rootfs_size is None else parse_size(rootfs_size)
         boot_args = " ".join(a for a in (command_arg(command) if command else "", append) if a)
+        drives = [parse_drive(d) if isinstance(d, str) else d for d in drives]
         check_inputs(kernel, initrd, mem, cpus, build_cmdline(emulating=detect_flavor().emulating_cpl0,
-                                                              command=command, append=append))
+                                                              command=command, append=append), drives)
+        nets = resolve_nets(nets)
     except _bad_input_errors() as e:
         fail(str(e))
     try:
@@ -236,22 +279,40 @@ def start_detached(name: str | None, command: list[str] | str | None = None, *, 
     _check_name_free(name)
     try:
         kpath, ipath, _ = resolve_guest(kernel, initrd, progress=True)
+        if rootfs is not None:
+            from popek.rootfs import detached_root, root_drive_spec
+
+            ipath, (root, copy_from) = None, detached_root(rootfs, name, persist=persist, size=rootfs_size,
+                                                                  progress=True)
     except _bad_input_errors() as e:
         fail(str(e))
     boot = {"kernel_image_path": os.path.abspath(kpath), "boot_args": boot_args or None,
             "initrd_path": os.path.abspath(ipath) if ipath else None}
-    machine = {"vcpu_count": cpus, "mem_size_mib": mem >> 20}
+    machine = {"vcpu_count": cpus, "mem_size_mib": mem >> 20, "track_dirty_pages": track_dirty_pages}
     try:
         BootSource.from_json({k: v for k, v in boot.items() if v is not None}, "boot-source")
         MachineConfiguration.from_json(machine, "machine-config")
+        spec = {"boot-source": boot, "machine-config": machine, "drives": _drive_specs(drives),
+                "network-interfaces": _net_specs(nets), "balloon": detached_balloon(free_page_reporting),
+                "vsock": detached_vsock(name)}
+        if rootfs is not None:
+            spec["drives"].insert(0, root_drive_spec(root))
     except ApiError as e:
         fail(e.message)
-    spec = {"boot-source": boot, "machine-config": machine}
     info = {"vcpus": cpus, "memory": mem, "kernel": boot["kernel_image_path"], "initrd": boot["initrd_path"],
             "command": command if command else None, "append": append, "limits": limits,
-            "cgroup": layout is not None}
+            "cgroup": layout is not None, "nets": [dataclasses.asdict(n) for n in nets]}
+    if jail:
+        info["jail"] = _check_jail(name, spec, uid, gid)
 
-    child, rd = _spawn_vmm(name), None
+    if rootfs is not None and copy_from is not None:
+        from popek.rootfs import copy_detached
+
+        try:
+            copy_detached(copy_from, name)
+        except _bad_input_errors() as e:
+            fail(str(e))
+    child, rd = _spawn_vmm(name, (info["jail"]["uid"], info["jail"]["gid"]) if jail else None), None
     try:
         rd = _adopt_vmm(child, name, info, spec, layout, limits)
         _wait_started(name, child, timeout)
@@ -263,6 +324,10 @@ def start_detached(name: str | None, command: list[str] | str | None = None, *, 
         log = _tail(rd.path / "vmm.log") if rd else ""
         if rd is not None:
             _remove_vm(name)
+        elif rootfs is not None:
+            from popek.rootfs import remove_detached_copy
+
+            remove_detached_copy(name)
         if isinstance(e, KeyboardInterrupt):
             fail("interrupted; the VM was not started", 130)
         if not isinstance(e, Exception):
@@ -273,6 +338,62 @@ def start_detached(name: str | None, command: list[str] | str | None = None, *, 
     child.stderr.close()
     child.returncode = 0  # detached on purpose: keep Popen's destructor from warning about a running child
     return name
+
+
+def detached_vsock(name: str) -> dict:
+    """The Vsock object (Firecracker's PUT /vsock body) every detached VM gets: guest CID 3, its socket at
+    ``<runtime dir>/vsock.sock`` (the guest agent, `popek exec`, is reached through it). :raises ApiError: if the
+    model refuses the path (longer than a Unix socket address holds)."""
+    from popek.agent import DEFAULT_GUEST_CID
+    from popek.api.model import Vsock
+
+    spec = {"guest_cid": DEFAULT_GUEST_CID, "uds_path": str(RuntimeDir(name).vsock_socket)}
+    Vsock.from_json(spec, "vsock")
+    return spec
+
+
+def _drive_specs(drives) -> list[dict]:
+    """Validated Firecracker Drive objects for ``DriveConfig``s: drive_id = the serial (the API gives the guest the
+    drive_id as the virtio-blk device ID) or ``drive<N>``; none is the root device (the guest's root is its
+    initramfs). :raises ApiError: for a serial that is not a valid drive_id."""
+    from popek.api.model import Drive
+
+    out = []
+    for i, d in enumerate(drives):
+        spec = {"drive_id": d.serial or f"drive{i}", "path_on_host": os.path.abspath(d.path),
+                "is_root_device": False, "is_read_only": d.readonly}
+        Drive.from_json(spec, f"drive {os.fspath(d.path)} (its serial is the API's drive_id)")
+        out.append(spec)
+    return out
+
+
+def _net_specs(nets) -> list[dict]:
+    """Validated Firecracker NetworkInterface objects (``eth<N>``), with Popek's address fields, for resolved
+    ``NetConfig``s (``popek.runner.resolve_nets``). :raises ApiError: if the model refuses one."""
+    from popek.api.model import NetworkInterface
+
+    out = []
+    for i, n in enumerate(nets):
+        spec = {"iface_id": f"eth{i}", "host_dev_name": n.tap or "popek%d", "guest_mac": n.mac,
+                "host_address": n.host, "guest_address": n.guest.split("/")[0]}
+        NetworkInterface.from_json(spec, f"net {i}")
+        out.append(spec)
+    return out
+
+
+def _check_jail(name: str, spec: dict, uid: int | None, gid: int | None) -> dict:
+    """``{"uid", "gid"}`` of VM ``name``'s jail once ``popek.jail`` says this host can jail it as ``spec`` needs
+    (``check_host``, ``make_plan``). :raises SystemExit: via ``fail``, with the jail's reason."""
+    from popek.jail import JAIL_GID, JAIL_UID, JailError, check_host, make_plan
+    from popek.vmm import spec_from_json
+
+    ids = {"uid": JAIL_UID if uid is None else uid, "gid": JAIL_GID if gid is None else gid}
+    try:
+        check_host()
+        make_plan(spec_from_json(spec), RuntimeDir(name).path, ids["uid"], ids["gid"])
+    except JailError as e:
+        fail(str(e))
+    return ids
 
 
 class _StartFailed(RuntimeError):
@@ -316,16 +437,29 @@ def _wait_started(name: str, child: subprocess.Popen, timeout: float) -> None:
 @click.option("--pids-max", type=int, default=None, help="cgroup limit on tasks (processes and threads)")
 @click.option("--start-timeout", type=float, default=START_TIMEOUT, show_default=True,
               help="seconds to wait for the VMM to report the VM running")
+@click.option("--track-dirty-pages", is_flag=True,
+              help="log the pages the guest and devices write, for `popek snapshot create --diff`")
+@click.option("--free-page-reporting", is_flag=True,
+              help="the guest hands its free memory back to the host by itself (virtio-balloon page reporting)")
+@drive_option
+@net_option
+@jail_options
+@rootfs_options
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def start(name, kernel, initrd, append, memory, cpus, cpu_weight, cpus_max, memory_max, pids_max, start_timeout,
+          track_dirty_pages, free_page_reporting, drives, nets, jail, uid, gid, rootfs, persist, rootfs_size,
           command):
     """Start a VM in the background running COMMAND (after `--`; none: a shell on its console); print its name.
 
     Each VM gets its own VMM process, runtime directory (vm.json, api.sock, console.sock, console.log) and cgroup.
     """
+    check_rootfs_options(rootfs, persist, rootfs_size)
     click.echo(start_detached(name, list(command) or None, kernel=kernel, initrd=initrd, append=append,
                               memory=memory, cpus=cpus, cpu_weight=cpu_weight, cpus_max=cpus_max,
-                              memory_max=memory_max, pids_max=pids_max, timeout=start_timeout))
+                              memory_max=memory_max, pids_max=pids_max, timeout=start_timeout,
+                              track_dirty_pages=track_dirty_pages, drives=drives, nets=nets, jail=jail, uid=uid,
+                              gid=gid, rootfs=rootfs, persist=persist, rootfs_size=rootfs_size,
+                              free_page_reporting=free_page_reporting))
 
 
 # ---- popek ps -----------------------------------------------------------------------------------------------------
@@ -608,121 +742,6 @@ def _rotated(f, path: Path) -> bool:
         return False
 
 
-# ---- snapshots ----------------------------------------------------------------------------------------------------
+# ---- snapshots: popek/cli_snapshot.py ----------------------------------------------------------------------------
 
-#: Seconds the snapshot commands give the VMM to write or load a snapshot (guest RAM goes through the page cache).
-SNAPSHOT_TIMEOUT = 300.0
-
-
-@main.group()
-def snapshot():
-    """Snapshot a running VM to a directory (files `state` and `memory`), or restore one as a new VM."""
-
-
-@snapshot.command("create")
-@click.argument("name")
-@click.argument("directory", type=click.Path(file_okay=False))
-def snapshot_create(name, directory):
-    """Write a full snapshot of VM NAME to DIRECTORY: PATCH /vm Paused, PUT /snapshot/create (DIRECTORY/state,
-    DIRECTORY/memory), then PATCH /vm Resumed if the VM was running. Prints DIRECTORY."""
-    e = _live(name)
-    d = Path(directory).resolve()
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        fail(f"cannot create snapshot directory {d}: {err.strerror}", 1)
-    _, info = _api(e, "GET", "/")
-    was_running = (info or {}).get("state") == "Running"
-    if was_running:
-        status, body = _api(e, "PATCH", "/vm", {"state": "Paused"})
-        if status != 204:
-            fail(f"VM {name!r}: cannot pause it: {(body or {}).get('fault_message', f'HTTP {status}')}", 1)
-    try:
-        status, body = _api(e, "PUT", "/snapshot/create", {"snapshot_type": "Full", "snapshot_path": str(d / "state"),
-                                                           "mem_file_path": str(d / "memory")},
-                            timeout=SNAPSHOT_TIMEOUT)
-        if status != 204:
-            fail(f"VM {name!r}: {(body or {}).get('fault_message', f'HTTP {status}')}", 1)
-    finally:
-        if was_running:
-            _api(e, "PATCH", "/vm", {"state": "Resumed"}, required=False)
-    click.echo(str(d))
-
-
-def restore_detached(directory: str | os.PathLike, name: str | None = None,
-                     timeout: float = START_TIMEOUT) -> str:
-    """Start a new detached VMM (``python -m popek.vmm`` with an empty spec, its own runtime directory and cgroup
-    as `popek start` makes them) and have it load the snapshot in ``directory`` (PUT /snapshot/load, resume_vm
-    true); return the VM's name. On any failure the VMM is killed and its runtime directory and cgroup removed.
-
-    :raises SystemExit: via ``popek.cli.fail``, saying what failed and why.
-    """
-    from popek.api.client import ApiClient, ApiClientError
-    from popek.cgroups import CgroupError, detect
-    from popek.snapshot import SnapshotError, read_state
-
-    d = Path(directory).resolve()
-    try:
-        snap = read_state(d / "state")
-    except (SnapshotError, OSError) as err:
-        fail(f"cannot restore {d}: {err}", 1)
-    name = name or f"vm-{secrets.token_hex(3)}"
-    try:
-        validate_name(name)
-    except ValueError as err:
-        fail(str(err))
-    _check_name_free(name)
-    extra = snap.config.extra
-    info = {"vcpus": snap.config.vcpu_count, "memory": extra.get("memory"), "kernel": extra.get("kernel"),
-            "initrd": extra.get("initrd"), "command": None, "append": "", "limits": {}, "snapshot": str(d)}
-    try:
-        layout = detect()
-    except CgroupError as err:
-        click.echo(f"popek: warning: running VM {name!r} without a cgroup: {err}", err=True)
-        layout = None
-    info["cgroup"] = layout is not None
-    child, rd = _spawn_vmm(name), None
-    try:
-        rd = _adopt_vmm(child, name, info, {}, layout, {})
-        deadline = time.monotonic() + timeout
-        while True:
-            if child.poll() is not None:
-                raise _StartFailed(f"the VMM exited with status {child.returncode} before loading the snapshot")
-            if time.monotonic() > deadline:
-                raise _StartFailed(f"its VMM's API did not answer within {timeout:g} s")
-            try:
-                with ApiClient(rd.api_socket, timeout=2.0) as client:
-                    if client.get("/")[0] == 200:
-                        break
-            except ApiClientError:
-                pass
-            time.sleep(0.1)
-        with ApiClient(rd.api_socket, timeout=SNAPSHOT_TIMEOUT) as client:
-            status, body = client.request("PUT", "/snapshot/load", {
-                "snapshot_path": str(d / "state"), "mem_backend": {"backend_type": "File",
-                                                                   "backend_path": str(d / "memory")},
-                "resume_vm": True})
-        if status != 204:
-            raise _StartFailed((body or {}).get("fault_message", f"HTTP {status}"))
-    except BaseException as err:
-        child.kill()
-        child.wait()
-        stderr = child.stderr.read().decode(errors="replace").strip()
-        if rd is not None:
-            _remove_vm(name)
-        if isinstance(err, KeyboardInterrupt):
-            fail("interrupted; the VM was not restored", 130)
-        if not isinstance(err, Exception):
-            raise
-        fail(f"cannot restore {d} as VM {name!r}: {err}" + (f"\n{stderr}" if stderr else ""), 1)
-    child.stderr.close()
-    child.returncode = 0  # detached on purpose (see start_detached)
-    return name
-
-
-@snapshot.command("restore")
-@click.argument("directory", type=click.Path(file_okay=False, exists=True))
-@click.option("--name", "-n", default=None, help="the new VM's name (default: vm-<random>)")
-def snapshot_restore(directory, name):
-    """Start a new VM from the snapshot in DIRECTORY (made by `popek snapshot create`) and print its name."""
-    click.echo(restore_detached(directory, name))
+from popek import cli_snapshot  # noqa: E402,F401  (registers `popek snapshot create|restore|clone|merge`)

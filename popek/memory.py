@@ -25,12 +25,15 @@ class GuestRegion:
 
     :param gpa: guest physical start address (bytes, page aligned)
     :param size: length in bytes (page multiple)
+    :param private: ``map`` is a MAP_PRIVATE file mapping (a restored snapshot, ``GuestMemory.from_file``), not a
+        shared one; it decides how ``GuestMemory.release`` gives pages back.
     """
 
     gpa: int
     size: int
     fd: int = -1
     map: mmap.mmap = field(default=None, repr=False)  # type: ignore[assignment]
+    private: bool = False
 
     def __post_init__(self) -> None:
         if self.gpa % PAGE_SIZE or self.size % PAGE_SIZE or self.size <= 0:
@@ -78,12 +81,34 @@ class GuestMemory:
             if a + asz > b:
                 raise GuestMemoryError(f"regions {a:#x}+{asz:#x} and {b:#x} overlap")
         self.regions = []
+        self.host_dirty: set[int] | None = None
         try:
             for gpa, size in spans:
                 self.regions.append(GuestRegion(gpa, size))
         except BaseException:
             self.close()  # the regions made before the one that failed
             raise
+
+    # Host-write log (for diff snapshots, popek.snapshot.dirty_bitmaps): KVM_GET_DIRTY_LOG reports only the
+    # guest's own writes; the VMM's writes through ``write`` and the virtqueues' used rings and device-writable
+    # buffers (popek.devices.virtio.queue calls ``mark_dirty``) are logged here, as page-aligned guest physical
+    # addresses, while tracking is on.
+    def track_host_writes(self) -> None:
+        """Start (or restart, emptied) the host-write log ``host_dirty``."""
+        self.host_dirty = set()
+
+    def take_host_dirty(self) -> set[int]:
+        """The page-aligned guest physical addresses the host wrote since the last call (or since
+        ``track_host_writes``); starts a new log. Empty while tracking is off."""
+        if self.host_dirty is None:
+            return set()
+        taken, self.host_dirty = self.host_dirty, set()
+        return taken
+
+    def mark_dirty(self, gpa: int, size: int) -> None:
+        """Log a host write of ``size`` bytes at ``gpa`` (no-op while tracking is off)."""
+        if self.host_dirty is not None and size > 0:
+            self.host_dirty.update(range(gpa & ~(PAGE_SIZE - 1), gpa + size, PAGE_SIZE))
 
     @classmethod
     def x86(cls, size: int) -> "GuestMemory":
@@ -114,6 +139,24 @@ class GuestMemory:
     def contains(self, gpa: int, size: int = 1) -> bool:
         return any(r.gpa <= gpa and gpa + size <= r.end for r in self.regions)
 
+    def release(self, gpa: int, size: int) -> None:
+        """Give the host memory behind guest RAM ``[gpa, gpa+size)`` back to the host (a balloon, VIRTIO 1.2 §5.5).
+
+        Shared mappings (the memfd, or a file mapped shared) get madvise(MADV_REMOVE), which punches a hole in the
+        backing file (as fallocate(FALLOC_FL_PUNCH_HOLE)): the pages read as zero afterwards. A MAP_PRIVATE file
+        mapping (a restored snapshot) gets MADV_DONTNEED: its copied pages are dropped and read back from the file.
+        Either way the contents become undefined to the guest, as for a balloon page (madvise(2)).
+
+        :param gpa: page-aligned guest physical address. :param size: bytes, a positive multiple of 4 KiB.
+        :raises GuestMemoryError: if the range is not page aligned or not inside one RAM region (nothing is
+            released then); OSError if the kernel refuses the madvise.
+        """
+        if gpa % PAGE_SIZE or size % PAGE_SIZE or size <= 0:
+            raise GuestMemoryError(f"range {gpa:#x}+{size:#x} to release is not whole 4 KiB pages")
+        r = self.region_of(gpa, size)
+        r.map.madvise(mmap.MADV_DONTNEED if r.private else mmap.MADV_REMOVE, gpa - r.gpa, size)
+        self.mark_dirty(gpa, size)
+
     def view(self, gpa: int, size: int) -> memoryview:
         """A writable memoryview of ``size`` bytes at ``gpa`` (zero copy; for device DMA)."""
         if size < 0:
@@ -132,6 +175,8 @@ class GuestMemory:
         r = self.region_of(gpa, max(n, 1))
         off = gpa - r.gpa
         r.map[off:off + n] = bytes(data) if isinstance(data, memoryview) else data
+        if self.host_dirty is not None:
+            self.mark_dirty(gpa, n)
 
     def read_u8(self, gpa: int) -> int:
         return self.read(gpa, 1)[0]
@@ -187,6 +232,7 @@ class GuestMemory:
         fd = os.open(path, (os.O_RDONLY if private else os.O_RDWR) | os.O_CLOEXEC)
         self = cls.__new__(cls)
         self.regions = []
+        self.host_dirty = None
         try:
             need = sum(size for _, size in spans)
             have = os.fstat(fd).st_size
@@ -198,7 +244,7 @@ class GuestMemory:
                     raise GuestMemoryError(f"region {gpa:#x}+{size:#x} is not page aligned")
                 m = mmap.mmap(fd, size, mmap.MAP_PRIVATE if private else mmap.MAP_SHARED,
                               mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
-                self.regions.append(GuestRegion(gpa, size, fd=os.dup(fd), map=m))
+                self.regions.append(GuestRegion(gpa, size, fd=os.dup(fd), map=m, private=private))
                 offset += size
             self.regions.sort(key=lambda r: r.gpa)
         except BaseException:

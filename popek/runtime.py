@@ -18,6 +18,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 VM_JSON = "vm.json"
 API_SOCKET = "api.sock"
 CONSOLE_LOG = "console.log"
+#: The virtio-vsock device's Unix socket of a detached VM (the guest agent is reached through it, popek.agent).
+VSOCK_SOCKET = "vsock.sock"
 
 
 class RuntimeDirError(Exception):
@@ -163,6 +165,10 @@ class RuntimeDir:
     @property
     def console_log(self) -> Path:
         return self.path / CONSOLE_LOG
+
+    @property
+    def vsock_socket(self) -> Path:
+        return self.path / VSOCK_SOCKET
 
     @classmethod
     def create(cls, name: str, info: dict[str, Any], *, pid: int | None = None, state: str = "starting",

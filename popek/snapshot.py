@@ -25,7 +25,8 @@
 # Diff snapshots (Firecracker's design): register every RAM slot with KVM_MEM_LOG_DIRTY_PAGES (slot i = region i,
 # as popek.vm does), call dirty_bitmaps() once when the base snapshot is taken (it also resets KVM's log), and at
 # the next snapshot dirty_bitmaps() again, passing the pages the VMM itself wrote (device DMA, e.g. virtio used
-# rings and read buffers): KVM logs only guest writes.
+# rings and read buffers): KVM logs only guest writes. popek.persist.save(diff=True) does this, with the VMM's
+# writes from GuestMemory's host-write log (GuestMemory.take_host_dirty; virtqueues and GuestMemory.write feed it).
 
 from __future__ import annotations
 
@@ -479,12 +480,31 @@ def write_memory(path: str | os.PathLike, mem: GuestMemory) -> MemoryInfo:
     with _atomic_file(path) as fd:
         off = 0
         for r in mem.regions:
-            for c in range(0, r.size, _CHUNK):
-                _write_sparse(fd, off + c, r.map[c:c + _CHUNK])
+            for start, end in _data_ranges(r):
+                for c in range(start, end, _CHUNK):
+                    _write_sparse(fd, off + c, r.map[c:min(c + _CHUNK, end)])
             off += r.size
         os.lseek(fd, off, os.SEEK_SET)
         _write_all(fd, _trailer("full", off, 0, info.id, None, info.regions))
     return info
+
+
+def _data_ranges(r) -> Iterator[tuple[int, int]]:
+    """[start, end) byte ranges of region ``r`` that may hold non-zero data, page aligned. For RAM in its own memfd
+    (shared, the file exactly the region) the holes lseek(2) SEEK_HOLE finds are zero and are skipped without
+    reading them (reading would allocate shmem pages); any other region is one range."""
+    if r.private or os.fstat(r.fd).st_size != r.size:
+        yield 0, r.size
+        return
+    pos = 0
+    while pos < r.size:
+        try:
+            start = os.lseek(r.fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after pos
+            return
+        end = min(os.lseek(r.fd, start, os.SEEK_HOLE), r.size)
+        yield start & ~(PAGE_SIZE - 1), -(-end // PAGE_SIZE) * PAGE_SIZE
+        pos = end
 
 
 def dirty_bitmaps(vm: VmFd, mem: GuestMemory, host_dirty: Iterable[int] = ()) -> list[bytes]:

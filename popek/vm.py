@@ -27,8 +27,10 @@ from popek.devices.virtio.device import VirtioError
 from popek.emulate import EmulationFailure, Emulator
 from popek.guestcmd import CONSOLE_PORT_WRITE
 from popek.irq import CallbackIrqLine, MsiRouter
+from popek.kvm.abi import KVM_MEM_LOG_DIRTY_PAGES
 from popek.kvm.system import Kvm, KvmFlavor, detect_flavor
 from popek.memory import GuestMemory
+from popek.net.iface import NetConfig  # noqa: F401  (popek.vm.NetConfig, VmConfig.nets)
 from popek.repair import SyscallRepair
 from popek.vcpu import Vcpu, install_kick_signal
 
@@ -87,6 +89,30 @@ class DriveConfig:
 
 
 @dataclass
+class VsockConfig:
+    """A virtio-vsock device (VIRTIO 1.2 §5.10) with its host side on Unix sockets (Firecracker's hybrid vsock):
+    ``guest_cid`` is the guest's context ID (3..0xFFFFFFFE), ``uds_path`` the socket the VMM listens on (it must
+    not exist; it is removed when the VM closes). See ``popek.devices.virtio.vsock.Vsock``."""
+
+    guest_cid: int
+    uds_path: Path
+
+
+@dataclass
+class BalloonConfig:
+    """A virtio-balloon device (VIRTIO 1.2 §5.5; Firecracker's Balloon): ``amount_mib`` is the balloon's target
+    size at start (MiB the guest should give back), ``deflate_on_oom`` offers VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    ``stats_polling_interval_s`` how often the guest's memory statistics are refreshed (0: never),
+    ``free_page_reporting`` offers VIRTIO_BALLOON_F_PAGE_REPORTING (the guest hands back free pages by itself).
+    See ``popek.devices.virtio.balloon.Balloon``."""
+
+    amount_mib: int = 0
+    deflate_on_oom: bool = False
+    stats_polling_interval_s: int = 0
+    free_page_reporting: bool = False
+
+
+@dataclass
 class VmConfig:
     """What to boot and with which resources.
 
@@ -98,6 +124,13 @@ class VmConfig:
     :param repair_syscall: None = decide by the KVM flavour (on when it emulates CPL 0).
     :param drives: virtio-blk disks, in PCI slot order (the first is /dev/vda).
     :param rng: add a virtio-rng device (the guest's /dev/hwrng).
+    :param nets: virtio-net interfaces, each on a tap created at build and removed at close (``NetConfig``, resolved
+        by ``popek.net.iface.resolve``; ``cmdline`` should carry ``popek.net.iface.guest_args`` for them).
+    :param track_dirty_pages: register RAM with KVM_MEM_LOG_DIRTY_PAGES and log the VMM's own writes
+        (``GuestMemory.track_host_writes``), so ``popek.persist.save(..., diff=True)`` can write Diff snapshots
+        (Firecracker's machine-config ``track_dirty_pages``).
+    :param vsock: add a virtio-vsock device (None: none); its socket is removed when the VM closes.
+    :param balloon: add a virtio-balloon device (None: none); ``Vm.balloon`` is then the device model.
     """
 
     kernel: Path
@@ -109,6 +142,10 @@ class VmConfig:
     repair_syscall: bool | None = None
     drives: list[DriveConfig] = field(default_factory=list)
     rng: bool = True
+    nets: list[NetConfig] = field(default_factory=list)
+    track_dirty_pages: bool = False
+    vsock: VsockConfig | None = None
+    balloon: BalloonConfig | None = None
 
 
 @dataclass
@@ -214,6 +251,7 @@ class Vm:
         self.msi: MsiRouter | None = None
         self.board: VirtioPciBoard | None = None
         self.restoring = memory is not None
+        self.snapshot_base = None  # the last snapshot's memory (popek.persist.SnapshotBase): what a Diff is on
         self.memory: GuestMemory | None = memory
         try:
             self._build()
@@ -238,7 +276,10 @@ class Vm:
         except OSError as e:
             raise VmError(f"cannot allocate {cfg.memory >> 20} MiB of guest memory: {e.strerror}") from None
         for slot, region in enumerate(self.memory.regions):
-            vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address)
+            vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address,
+                                      KVM_MEM_LOG_DIRTY_PAGES if cfg.track_dirty_pages else 0)
+        if cfg.track_dirty_pages:
+            self.memory.track_host_writes()
 
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.serial = Serial(CallbackIrqLine(COM1_IRQ, vm.irq_line), self._guest_output)
@@ -252,10 +293,12 @@ class Vm:
         self.pio.insert(PCI_CONFIG_PORT, 8, self.pci_io)
         self.board = VirtioPciBoard(vm, self.memory, self.pci, self.mmio, self.msi)
         try:
-            add_virtio_devices(self.board, cfg.drives, rng=cfg.rng)
+            add_virtio_devices(self.board, cfg.drives, rng=cfg.rng, nets=cfg.nets, vsock=cfg.vsock,
+                               balloon=cfg.balloon)
         except (VirtioError, PciError) as e:
             raise VmError(str(e)) from None
-        self.pio.insert(DEBUG_PORT, 2, DebugPort(on_exit_status=self._guest_exit_status, on_event=self._guest_event))
+        self.debugport = DebugPort(on_exit_status=self._guest_exit_status, on_event=self._guest_event)
+        self.pio.insert(DEBUG_PORT, 2, self.debugport)
 
         if not self.restoring:  # a restored guest's memory already holds its kernel and MP table
             self.boot = load_linux(self.memory, cfg.kernel, cmdline=cfg.cmdline, initrd_path=cfg.initrd,
@@ -314,6 +357,14 @@ class Vm:
     def send_input(self, data: bytes) -> None:
         """Bytes typed at the guest's serial console (thread-safe)."""
         self.serial.enqueue_input(data)
+
+    @property
+    def balloon(self):
+        """The virtio-balloon device model (``popek.devices.virtio.balloon.Balloon``), or None without one."""
+        from popek.devices.virtio.balloon import Balloon
+
+        devices = self.board.devices if self.board is not None else ()
+        return next((d.device for d in devices if isinstance(d.device, Balloon)), None)
 
     # ---- vCPU hooks (popek.vcpu.VcpuHandlers; called on the vCPU threads) ----------------------------------------
 

@@ -17,7 +17,8 @@ from typing import Callable
 
 from popek.api.controller import Controller
 from popek.api.handle import VmHandle
-from popek.api.model import ApiError, BootSource, Drive, MachineConfiguration, NetworkInterface, VmSpec, Vsock
+from popek.api.model import (ApiError, Balloon, BootSource, Drive, MachineConfiguration, NetworkInterface, VmSpec,
+                             Vsock)
 from popek.api.server import ApiServer
 from popek.runtime import RuntimeDir
 from popek.vcpu import install_kick_signal
@@ -45,7 +46,7 @@ def spec_from_json(doc: dict) -> VmSpec:
     """
     if not isinstance(doc, dict):
         raise ApiError(400, "the VM spec must be a JSON object (FullVmConfiguration)")
-    known = {"boot-source", "machine-config", "drives", "network-interfaces", "vsock"}
+    known = {"boot-source", "machine-config", "drives", "network-interfaces", "vsock", "balloon"}
     unknown = sorted(set(doc) - known)
     if unknown:
         raise ApiError(400, f"the VM spec has unknown keys {unknown} (known: {sorted(known)})")
@@ -60,6 +61,8 @@ def spec_from_json(doc: dict) -> VmSpec:
         spec.set_network_interface(NetworkInterface.from_json(n, "network-interfaces[]"))
     if doc.get("vsock") is not None:
         spec.vsock = Vsock.from_json(doc["vsock"], "vsock")
+    if doc.get("balloon") is not None:
+        spec.balloon = Balloon.from_json(doc["balloon"], "balloon")
     return spec
 
 
@@ -85,6 +88,8 @@ def apply_spec(controller: Controller, spec: VmSpec) -> None:
         controller.put_network_interface(n.iface_id, n)
     if spec.vsock is not None:
         controller.put_vsock(spec.vsock)
+    if spec.balloon is not None:
+        controller.put_balloon(spec.balloon)
     if spec.boot_source is not None:
         controller.put_boot_source(spec.boot_source)
         controller.start()
@@ -245,7 +250,7 @@ class ConsoleHub:
 
 
 def serve(name: str, spec: VmSpec | None, runtime_dir: RuntimeDir, *,
-          vm_factory: Callable[..., VmHandle] = VmHandle) -> int:
+          vm_factory: Callable[..., VmHandle] = VmHandle, owned: bool = False) -> int:
     """Run the VMM of VM ``name`` until its VM ends or SIGTERM/SIGINT; return the process exit status.
 
     - vm.json: if ``runtime_dir`` is not already owned by this process (``popek start`` creates it for the VMM's
@@ -261,8 +266,12 @@ def serve(name: str, spec: VmSpec | None, runtime_dir: RuntimeDir, *,
       ``exit_status``, ``detail``, ``ended`` Unix time), sets state "stopped", removes both sockets and exits.
       vm.json, result.json, console.log and vmm.log stay for ``popek ps``/``popek logs`` until ``popek rm``; the
       VM's cgroup (which this process is in and so cannot remove) is removed then too.
+    - A VM loaded from a snapshot (PUT /snapshot/load) with a vsock device gets its socket at ``vsock.sock`` in
+      this runtime directory, not the saved VM's path, so clones of one snapshot do not collide.
 
     :param vm_factory: builds the handle from the spec (tests pass a fake); called with ``on_output``/``on_state``.
+    :param owned: ``runtime_dir`` was made for this process by its spawner even though vm.json's pid is not
+        ``os.getpid()`` (a jailed VMM: vm.json has its host pid, it is pid 1 of its own PID namespace).
     :returns: 0 once the VM was started and has ended or was stopped (also when stopped before any start), 1 if
         the spec could not be applied or the VM not started (the reason is logged and in result.json).
     """
@@ -273,12 +282,13 @@ def serve(name: str, spec: VmSpec | None, runtime_dir: RuntimeDir, *,
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     entry = runtime_dir.read()
     rd = runtime_dir
-    if entry.pid != os.getpid() or not entry.alive:
+    if not owned and (entry.pid != os.getpid() or not entry.alive):
         rd = RuntimeDir.create(name, spec_summary(spec or VmSpec()), base=runtime_dir.base)
     controller: Controller | None = None
     hub = ConsoleHub(rd.console_log, rd.path / CONSOLE_SOCKET,
                      on_input=lambda data: controller.vm is not None and controller.vm.vm.send_input(data))
-    controller = Controller(lambda s: vm_factory(s, on_output=hub.output, on_state=rd.set_state), instance_id=name)
+    controller = Controller(lambda s: vm_factory(s, on_output=hub.output, on_state=rd.set_state,
+                                                 vsock_uds=rd.vsock_socket), instance_id=name)
     server = ApiServer(rd.api_socket, controller)
     status, result = 0, None
     try:
@@ -314,13 +324,16 @@ def serve(name: str, spec: VmSpec | None, runtime_dir: RuntimeDir, *,
     return status
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prepare: Callable[[VmSpec, RuntimeDir], None] | None = None) -> int:
     """``python -m popek.vmm --name NAME [--base DIR] [--spec FILE | --spec-stdin]``.
 
     With ``--spec-stdin`` (what ``popek start`` uses) the VMM first reads one JSON object from stdin, ``{"spec":
     FullVmConfiguration}``, until EOF: the spawner closes stdin only once the runtime directory and cgroup exist
     and this process is inside the cgroup, so no guest memory is charged elsewhere. Then stdout/stderr are
     redirected to ``vmm.log`` in the runtime directory and :func:`serve` runs.
+
+    ``prepare(spec, runtime_dir)`` (``popek.jail``) runs after that redirection and before serving; a VMM with a
+    prepare step serves the runtime directory its spawner made for it (``serve``'s ``owned``).
     """
     p = argparse.ArgumentParser(prog="python -m popek.vmm", description="Run the VMM of one Popek VM.")
     p.add_argument("--name", required=True, help="the VM name (popek.runtime.validate_name)")
@@ -355,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(null, 0)
         os.close(null)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return serve(args.name, spec, rd)
+    if prepare is not None:
+        prepare(spec, rd)
+    return serve(args.name, spec, rd, owned=prepare is not None)
 
 
 if __name__ == "__main__":

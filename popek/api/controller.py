@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import copy
-import importlib.metadata
+import dataclasses
+import functools
 import logging
 import os
 import stat
+import re
 import threading
-import tomllib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from popek.api.model import (ApiError, BootSource, Drive, InstanceActionInfo, InstanceInfo, MachineConfiguration,
-                             NetworkInterface, SnapshotCreateParams, SnapshotLoadParams, Vm, VmSpec, Vsock)
+from popek.api.model import (ApiError, Balloon, BalloonStats, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive,
+                             InstanceActionInfo, InstanceInfo, MachineConfiguration, NetworkInterface,
+                             SnapshotCreateParams, SnapshotLoadParams, Vm, VmSpec, Vsock)
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +48,36 @@ class VmHandle(Protocol):
 
     def snapshot_create(self, *, snapshot_type: str, snapshot_path: str, mem_file_path: str) -> None: ...
 
-    def snapshot_load(self, *, snapshot_path: str, mem_file_path: str, resume_vm: bool) -> None: ...
+    def snapshot_load(self, *, snapshot_path: str, mem_file_path: str, resume_vm: bool, track_dirty_pages: bool,
+                      base_mem_file_path: str | None) -> None: ...
+
+    def balloon_config(self) -> dict | None: ...
+
+    def balloon_update(self, amount_mib: int) -> None: ...
+
+    def balloon_set_stats_interval(self, seconds: int) -> None: ...
+
+    def balloon_stats(self) -> dict: ...
 
 
+@functools.cache
 def vmm_version() -> str:
-    """Popek's version: the installed distribution's, else the source tree's pyproject.toml, else "unknown"."""
+    """Popek's version: the source tree's pyproject.toml ``version``, else the installed distribution's, else
+    "unknown". (Read with a regular expression and only then importlib.metadata: tomllib and importlib.metadata
+    cost every VMM process ~2.4 MiB of memory, benchmarks/density.py.)"""
+    try:
+        text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+        m = re.search(r'^\[project\][^\[]*?^version\s*=\s*"([^"]+)"', text, re.MULTILINE | re.DOTALL)
+        if m:
+            return m.group(1)
+    except OSError:
+        pass
+    import importlib.metadata
+
     try:
         return importlib.metadata.version("popek")
     except importlib.metadata.PackageNotFoundError:
-        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
-        try:
-            return tomllib.loads(pyproject.read_text())["project"]["version"]
-        except (OSError, KeyError, tomllib.TOMLDecodeError):
-            return "unknown"
+        return "unknown"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -214,6 +233,69 @@ class Controller:
         with self._pre_boot("PUT /vsock"):
             self._spec.vsock = vsock
 
+    # ---- the balloon (Firecracker's /balloon resources; popek.devices.virtio.balloon) ----------------------------
+
+    def _balloon_fits(self, what: str, amount_mib: int) -> None:
+        memory = self._spec.machine_config.mem_size_mib
+        if amount_mib > memory:
+            raise ApiError(400, f"{what}: a balloon of {amount_mib} MiB is larger than the guest's {memory} MiB")
+
+    def _no_balloon(self, what: str) -> ApiError:
+        return ApiError(400, f"{what}: there is no balloon device (PUT /balloon before starting the microVM)")
+
+    def put_balloon(self, balloon: Balloon) -> None:
+        """PUT /balloon: add or replace the balloon device. :raises ApiError: 400 if started, or amount_mib is more
+        than the machine configuration's memory."""
+        with self._pre_boot("PUT /balloon"):
+            self._balloon_fits("PUT /balloon", balloon.amount_mib)
+            self._spec.balloon = balloon
+
+    def balloon(self) -> dict:
+        """GET /balloon: the balloon's configuration; once started, the device's (current target and interval).
+        :raises ApiError: 400 if there is no balloon device."""
+        with self._lock:
+            config = self._spec.balloon.to_json() if self._spec.balloon else None
+            if self._vm is not None:
+                config = self._call("GET /balloon", self._vm.balloon_config)
+            if config is None:
+                raise self._no_balloon("GET /balloon")
+            return Balloon.from_json(config, "balloon").to_json()
+
+    def patch_balloon(self, update: BalloonUpdate) -> None:
+        """PATCH /balloon: a new target size, before or after start (the guest then inflates or deflates).
+        :raises ApiError: 400 without a balloon, for more than the guest's memory, or once the guest stopped."""
+        self._patch_balloon("PATCH /balloon", "amount_mib", update.amount_mib)
+
+    def patch_balloon_stats(self, update: BalloonStatsUpdate) -> None:
+        """PATCH /balloon/statistics: a new statistics polling interval, before or after start (unlike Firecracker,
+        statistics can also be turned on or off after start: Popek's device always has its statsq).
+        :raises ApiError: 400 without a balloon, or once the guest stopped."""
+        self._patch_balloon("PATCH /balloon/statistics", "stats_polling_interval_s",
+                            update.stats_polling_interval_s)
+
+    def _patch_balloon(self, what: str, key: str, value: int) -> None:
+        with self._lock:
+            if self._vm is None:
+                if self._spec.balloon is None:
+                    raise self._no_balloon(what)
+                if key == "amount_mib":
+                    self._balloon_fits(what, value)
+                self._spec.balloon = dataclasses.replace(self._spec.balloon, **{key: value})
+                return
+        with self._post_boot(what) as handle:
+            if key == "amount_mib":
+                self._call(what, handle.balloon_update, value)
+            else:
+                self._call(what, handle.balloon_set_stats_interval, value)
+
+    def balloon_stats(self) -> dict:
+        """GET /balloon/statistics: the balloon's size and the guest's latest memory statistics (BalloonStats).
+        :raises ApiError: 400 before start, without a balloon, or with statistics disabled (interval 0)."""
+        with self._post_boot("GET /balloon/statistics") as handle:
+            stats = self._call("GET /balloon/statistics", handle.balloon_stats)
+            known = {f.name for f in dataclasses.fields(BalloonStats)}
+            return BalloonStats.from_json({k: v for k, v in stats.items() if k in known}, "statistics").to_json()
+
     def action(self, action: InstanceActionInfo) -> None:
         """PUT /actions: InstanceStart, SendCtrlAltDel or FlushMetrics (any time)."""
         if action.action_type == "InstanceStart":
@@ -234,6 +316,8 @@ class Controller:
             if self._spec.boot_source is None:
                 raise ApiError(400, "InstanceStart: cannot start the microVM without a boot source "
                                     "(PUT /boot-source first)")
+            if self._spec.balloon is not None:
+                self._balloon_fits("InstanceStart", self._spec.balloon.amount_mib)
             handle = self._call("InstanceStart", self._factory, copy.deepcopy(self._spec))
             self._launch(handle, "InstanceStart", handle.start)
 
@@ -262,8 +346,8 @@ class Controller:
     def snapshot_create(self, params: SnapshotCreateParams) -> None:
         """PUT /snapshot/create: ``handle.snapshot_create(snapshot_type=, snapshot_path=, mem_file_path=)``.
 
-        :raises ApiError: 400 before start, unless Paused, for Diff without track_dirty_pages, or when the handle
-            refuses (e.g. "not supported yet").
+        :raises ApiError: 400 before start, unless Paused, for Diff without track_dirty_pages (machine-config, or
+            SnapshotLoadParams of the loaded snapshot), or when the handle refuses (e.g. a Diff before any Full).
         """
         with self._post_boot("PUT /snapshot/create") as handle:
             if handle.state != "Paused":
@@ -286,7 +370,10 @@ class Controller:
                                     "resource is configured")
             handle = self._call("PUT /snapshot/load", self._factory, copy.deepcopy(self._spec))
             self._launch(handle, "PUT /snapshot/load", handle.snapshot_load, snapshot_path=params.snapshot_path,
-                         mem_file_path=params.memory_path, resume_vm=params.resume_vm)
+                         mem_file_path=params.memory_path, resume_vm=params.resume_vm,
+                         track_dirty_pages=params.track_dirty_pages, base_mem_file_path=params.base_mem_file_path)
+            if params.track_dirty_pages:  # what GET /machine-config and the Diff check of snapshot_create see
+                self._spec.machine_config = dataclasses.replace(self._spec.machine_config, track_dirty_pages=True)
 
     def shutdown(self) -> None:
         """Stop the VM if one was started (the VMM is exiting). Calls ``handle.stop()`` at most once."""

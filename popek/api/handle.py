@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 from popek.api.model import VmSpec
@@ -22,26 +23,68 @@ def vm_arguments(spec: VmSpec) -> dict:
 
     boot-source ``kernel_image_path``/``initrd_path`` -> ``kernel``/``initrd`` (made absolute, so a file named like
     an image kind is never taken for one); ``boot_args`` -> ``append``; machine-config ``vcpu_count`` -> ``cpus``,
-    ``mem_size_mib`` -> ``memory`` in bytes (MiB << 20). ``command`` is None: a guest command travels inside
-    ``boot_args`` as ``popek.cmd=`` (``popek.guestcmd.command_arg``).
+    ``mem_size_mib`` -> ``memory`` in bytes (MiB << 20), ``track_dirty_pages`` as is. ``command`` is None: a guest
+    command travels inside ``boot_args`` as ``popek.cmd=`` (``popek.guestcmd.command_arg``).
 
     Unlike Firecracker, where ``boot_args`` is the whole kernel command line, Popek appends it to the arguments the
     VMM always sets (``popek.guestcmd.build_cmdline``: the 8250 console, ``reboot=k``, ``panic=-1`` and, on an
     emulating KVM, the switches the emulator needs); Linux lets a later argument override an earlier one.
 
+    Drives (in spec order: the root drive first, /dev/vda) -> ``drives``: ``path_on_host``, ``is_read_only``, and
+    ``drive_id`` as the virtio-blk device ID (VIRTIO_BLK_T_GET_ID, as Firecracker); a root device adds
+    ``root=/dev/vda`` (or ``root=PARTUUID=...``) and ``ro``/``rw`` before ``boot_args``, as Firecracker does.
+    Network interfaces -> ``nets`` (``popek.net.iface.NetConfig``: ``host_dev_name`` is the tap the VMM creates,
+    ``guest_mac``, and Popek's ``host_address``/``guest_address``; absent ones are chosen at build).
+    Vsock -> ``vsock`` (``popek.vm.VsockConfig``: ``guest_cid``, ``uds_path``), or None: no vsock device.
+    Balloon -> ``balloon`` (``popek.vm.BalloonConfig``, the same four fields), or None: no balloon device.
+
     :raises ValueError: without a boot source.
-    :raises NotImplementedError: for drives, network interfaces or vsock, which ``popek.vm.Vm`` cannot attach yet.
     """
     boot, machine = spec.boot_source, spec.machine_config
     if boot is None:
         raise ValueError("the VM spec has no boot source")
-    missing = [what for what, present in (("drives", spec.drives), ("network interfaces", spec.network_interfaces),
-                                          ("vsock", spec.vsock)) if present]
-    if missing:
-        raise NotImplementedError(f"{' and '.join(missing)}: not supported by Popek's VM yet")
     return dict(command=None, kernel=os.path.abspath(boot.kernel_image_path),
                 initrd=os.path.abspath(boot.initrd_path) if boot.initrd_path else None,
-                memory=machine.mem_size_mib << 20, cpus=machine.vcpu_count, append=boot.boot_args or "")
+                memory=machine.mem_size_mib << 20, cpus=machine.vcpu_count, append=_root_args(spec),
+                track_dirty_pages=machine.track_dirty_pages, drives=_drives(spec), nets=_nets(spec),
+                vsock=_vsock(spec), balloon=_balloon(spec))
+
+
+def _balloon(spec: VmSpec):
+    from popek.vm import BalloonConfig
+
+    b = spec.balloon
+    return None if b is None else BalloonConfig(b.amount_mib, b.deflate_on_oom, b.stats_polling_interval_s,
+                                                b.free_page_reporting)
+
+
+def _vsock(spec: VmSpec):
+    from popek.vm import VsockConfig
+
+    return None if spec.vsock is None else VsockConfig(spec.vsock.guest_cid, Path(spec.vsock.uds_path))
+
+
+def _root_args(spec: VmSpec) -> str:
+    """``boot_args``, after ``root=... ro|rw`` for a root drive (Firecracker's rule: /dev/vda, or PARTUUID)."""
+    append, root = spec.boot_source.boot_args or "", spec.root_drive
+    if root is None:
+        return append
+    where = f"PARTUUID={root.partuuid}" if root.partuuid else "/dev/vda"
+    return f"root={where} {'ro' if root.is_read_only else 'rw'} {append}".strip()
+
+
+def _drives(spec: VmSpec) -> list:
+    from popek.vm import DriveConfig
+
+    return [DriveConfig(Path(d.path_on_host), readonly=d.is_read_only, serial=d.drive_id)
+            for d in spec.drives.values()]
+
+
+def _nets(spec: VmSpec) -> list:
+    from popek.net.iface import NetConfig
+
+    return [NetConfig(tap=n.host_dev_name, host=n.host_address, guest=n.guest_address, mac=n.guest_mac)
+            for n in spec.network_interfaces.values()]
 
 
 class VmHandle:
@@ -58,12 +101,16 @@ class VmHandle:
     :param spec: what to build (see :func:`vm_arguments`).
     :param vm_class: the VM class (default ``popek.runner.VM``; tests pass a fake with its signature).
     :param on_output: console output callback, passed to the VM (called on a vCPU thread).
+    :param vsock_uds: where a VM loaded from a snapshot puts its vsock socket (``popek.persist.load``'s
+        ``vsock_uds``; the VMM passes its runtime directory's, so clones never share one); None: the saved path.
     :raises ValueError, NotImplementedError: see :func:`vm_arguments`; and whatever building the VM raises
         (``popek.vm.VmError``, ``popek.boot.linux.BootError``, ``popek.kvm.system.KvmError``).
     """
 
     def __init__(self, spec: VmSpec, *, vm_class: type | None = None,
-                 on_output: Callable[[bytes], None] | None = None, on_state: Callable[[str], None] | None = None):
+                 on_output: Callable[[bytes], None] | None = None, on_state: Callable[[str], None] | None = None,
+                 vsock_uds: str | os.PathLike | None = None):
+        self._vsock_uds = vsock_uds
         if vm_class is None:
             from popek.runner import VM as vm_class
         self.vm = None if spec.boot_source is None else vm_class(**vm_arguments(spec), on_output=on_output)
@@ -128,6 +175,51 @@ class VmHandle:
                 self.vm.resume()
             self._report()
 
+    # ---- the balloon (popek.devices.virtio.balloon.Balloon; PAGES_PER_MIB 4 KiB pages per MiB) ----------------
+
+    def _balloon(self):
+        device = self.vm.balloon if self.vm is not None else None
+        if device is None:
+            raise RuntimeError("this VM has no balloon device")
+        return device
+
+    def balloon_config(self) -> dict | None:
+        """The balloon device's Firecracker Balloon fields (current target), or None if the VM has none."""
+        device = self.vm.balloon if self.vm is not None else None
+        if device is None:
+            return None
+        from popek.devices.virtio.balloon import PAGES_PER_MIB
+
+        return {"amount_mib": device.target_pages // PAGES_PER_MIB, "deflate_on_oom": device.deflate_on_oom,
+                "stats_polling_interval_s": device.stats_interval_s,
+                "free_page_reporting": device.free_page_reporting}
+
+    def balloon_update(self, amount_mib: int) -> None:
+        """Set the balloon's target to ``amount_mib`` MiB. :raises RuntimeError: without a balloon; ValueError for
+        more than the guest's memory."""
+        from popek.devices.virtio.balloon import PAGES_PER_MIB
+
+        device = self._balloon()
+        memory_mib = self.vm.config.memory >> 20
+        if amount_mib > memory_mib:
+            raise ValueError(f"a balloon of {amount_mib} MiB is larger than the guest's {memory_mib} MiB")
+        device.set_target(amount_mib * PAGES_PER_MIB)
+
+    def balloon_set_stats_interval(self, seconds: int) -> None:
+        """Refresh the guest's memory statistics every ``seconds`` (0: stop), starting with one refresh now."""
+        device = self._balloon()
+        device.set_stats_interval(seconds)
+        if seconds:
+            device.request_stats()
+
+    def balloon_stats(self) -> dict:
+        """``Balloon.stats()``. :raises RuntimeError: without a balloon, or with statistics disabled (interval 0)."""
+        device = self._balloon()
+        if not device.stats_interval_s:
+            raise RuntimeError("balloon statistics are not enabled (PATCH /balloon/statistics with a "
+                               "stats_polling_interval_s above 0)")
+        return device.stats()
+
     def send_ctrl_alt_del(self) -> None:
         """Refused: Popek's i8042 has no keyboard attached (and the microvm kernel has no keyboard driver), so there
         is nothing to press Ctrl+Alt+Del on. :raises NotImplementedError: always (the API answers 400)."""
@@ -149,21 +241,25 @@ class VmHandle:
             self._report()
 
     def snapshot_create(self, *, snapshot_type: str, snapshot_path: str, mem_file_path: str) -> None:
-        """Write a Full snapshot of the (paused) VM with ``popek.persist.save``: the memory file, then the state.
+        """Write a snapshot of the (paused) VM with ``popek.persist.save``: the memory file, then the state.
+        snapshot_type "Full" or "Diff" (the pages written since the VM's last snapshot; needs track_dirty_pages).
 
-        :raises NotImplementedError: for snapshot_type "Diff" (not wired yet); and what ``save`` raises
-            (VmError, StateUnsupported, SnapshotError, OSError).
+        :raises ValueError: for another snapshot_type; and what ``save`` raises (VmError, StateUnsupported,
+            SnapshotError, OSError).
         """
-        if snapshot_type != "Full":
-            raise NotImplementedError(f"{snapshot_type} snapshots are not supported yet (only Full)")
+        if snapshot_type not in ("Full", "Diff"):
+            raise ValueError(f"snapshot_type {snapshot_type!r} is neither Full nor Diff")
         from popek.persist import save
 
         with self._lock:
-            save(self.vm, snapshot_path, mem_file_path)
+            save(self.vm, snapshot_path, mem_file_path, diff=snapshot_type == "Diff")
 
-    def snapshot_load(self, *, snapshot_path: str, mem_file_path: str, resume_vm: bool) -> None:
-        """Build the VM from a snapshot (``popek.persist.load``) and start it if ``resume_vm``, else leave it
-        Paused (``resume`` then starts it). Only on a handle made from a spec without a boot source.
+    def snapshot_load(self, *, snapshot_path: str, mem_file_path: str, resume_vm: bool,
+                      track_dirty_pages: bool = False, base_mem_file_path: str | None = None) -> None:
+        """Build the VM from a snapshot (``popek.persist.load``; a Diff memory file over ``base_mem_file_path``,
+        else over the base it recorded; ``track_dirty_pages`` lets the next snapshot be a Diff on this one) and
+        start it if ``resume_vm``, else leave it Paused (``resume`` then starts it). Only on a handle made from a
+        spec without a boot source.
 
         :raises RuntimeError: if this handle already has a VM; SnapshotError (a ValueError) for a bad snapshot;
             and what building the VM raises.
@@ -173,7 +269,9 @@ class VmHandle:
         with self._lock:
             if self.vm is not None:
                 raise RuntimeError("a snapshot loads only into a VMM that has no VM yet")
-            self.vm = load(snapshot_path, mem_file_path, on_output=self._on_output)
+            self.vm = load(snapshot_path, mem_file_path, on_output=self._on_output, vsock_uds=self._vsock_uds,
+                           base_memory=base_mem_file_path,
+                           track_dirty_pages=track_dirty_pages)
             if resume_vm:
                 self.vm.start()
             else:

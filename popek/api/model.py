@@ -18,6 +18,9 @@ MAC_PATTERN = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
 #: A host network device name: 1-15 printable ASCII bytes without '/' or ':' (IFNAMSIZ 16 with the NUL;
 #: Linux ``dev_valid_name``).
 IFNAME_PATTERN = r"^[!-.0-9;-~]{1,15}$"
+#: An IPv4 address (dotted quad), and one with a prefix length (``ADDR/PREFIX``).
+IPV4_PATTERN = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$"
+IPV4_CIDR_PATTERN = r"^[0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}$"
 #: A partition UUID for ``root=PARTUUID=``: a GPT UUID or an MBR ``SSSSSSSS-PP`` id (hex digits and '-').
 PARTUUID_PATTERN = r"^[0-9A-Fa-f-]{1,36}$"
 #: Upper bound of ``mem_size_mib`` (1 TiB): Popek's sanity limit, Firecracker states none.
@@ -226,9 +229,31 @@ class NetworkInterface(Model):
     """A virtio-net interface on a host tap device (Firecracker's NetworkInterface; PUT /network-interfaces/{id})."""
 
     iface_id: str = _field(str, "The interface's id; must equal the iface_id of the path.", pattern=ID_PATTERN)
-    host_dev_name: str = _field(str, "Name of the host tap device.", pattern=IFNAME_PATTERN)
-    guest_mac: str | None = _field(str, "The guest's MAC address; when absent the device offers none and the "
-                                   "guest picks one.", default=None, pattern=MAC_PATTERN)
+    host_dev_name: str = _field(str, "Name of the host tap device the VMM creates (it must not exist; a '%d' in "
+                                "it lets the kernel number it). The tap is not persistent: it goes away with the "
+                                "VMM.", pattern=IFNAME_PATTERN)
+    guest_mac: str | None = _field(str, "The guest's MAC address; when absent the VMM picks a random locally "
+                                   "administered one.", default=None, pattern=MAC_PATTERN)
+    host_address: str | None = _field(str, "Popek extension: the tap's IPv4 address and prefix length (e.g. "
+                                      "172.30.0.1/30); when absent a free /30 of 172.30.0.0/16 (host .1).",
+                                      default=None, pattern=IPV4_CIDR_PATTERN)
+    guest_address: str | None = _field(str, "Popek extension: the guest's IPv4 address in the host address's "
+                                       "network, configured by the guest's init (popek.net=); when absent the "
+                                       "network's first other address.", default=None, pattern=IPV4_PATTERN)
+
+    def validate(self, where: str) -> None:
+        """The addresses must make a network (``popek.net.iface.resolve``'s rules); guest_address needs
+        host_address. :raises ApiError: 400."""
+        if self.host_address is None:
+            if self.guest_address is not None:
+                raise ApiError(400, f"{where}: guest_address needs host_address")
+            return
+        from popek.net.iface import NetConfig, resolve
+
+        try:
+            resolve([NetConfig(None, self.host_address, self.guest_address, self.guest_mac)])
+        except ValueError as e:
+            raise ApiError(400, f"{where}: {e}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,6 +271,67 @@ class Vsock(Model):
         if len(os.fsencode(self.uds_path)) > MAX_UDS_PATH_BYTES:
             raise ApiError(400, f"{where}.uds_path: longer than the {MAX_UDS_PATH_BYTES} bytes a Unix socket "
                                 "address holds (sun_path)")
+
+
+#: Upper bound of ``stats_polling_interval_s`` (Firecracker keeps it in a u16).
+MAX_STATS_INTERVAL_S = 0xFFFF
+
+
+@dataclass(frozen=True, kw_only=True)
+class Balloon(Model):
+    """A virtio-balloon device (Firecracker's Balloon; PUT /balloon, GET /balloon)."""
+
+    amount_mib: int = _field(int, "Target balloon size in MiB: guest memory the guest hands back to the host (at "
+                             "most mem_size_mib).", minimum=0, maximum=MAX_MEM_SIZE_MIB)
+    deflate_on_oom: bool = _field(bool, "The guest may take pages back from the balloon when it runs out of memory "
+                                  "(VIRTIO_BALLOON_F_DEFLATE_ON_OOM).")
+    stats_polling_interval_s: int = _field(int, "Seconds between refreshes of the guest's memory statistics; 0 "
+                                           "disables statistics.", default=0, minimum=0,
+                                           maximum=MAX_STATS_INTERVAL_S)
+    free_page_reporting: bool = _field(bool, "The guest reports its free pages and the host reclaims them "
+                                       "(VIRTIO_BALLOON_F_PAGE_REPORTING).", default=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BalloonUpdate(Model):
+    """A new balloon target (Firecracker's BalloonUpdate; PATCH /balloon)."""
+
+    amount_mib: int = _field(int, "Target balloon size in MiB (at most mem_size_mib).", minimum=0,
+                             maximum=MAX_MEM_SIZE_MIB)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BalloonStatsUpdate(Model):
+    """A new statistics polling interval (Firecracker's BalloonStatsUpdate; PATCH /balloon/statistics)."""
+
+    stats_polling_interval_s: int = _field(int, "Seconds between refreshes of the guest's memory statistics; 0 "
+                                           "stops them.", minimum=0, maximum=MAX_STATS_INTERVAL_S)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BalloonStats(Model):
+    """The balloon's size and the guest's memory statistics (Firecracker's BalloonStats; GET /balloon/statistics);
+    the statistics are VIRTIO 1.2 §5.5.6.3's tags, present once the guest has sent them."""
+
+    target_pages: int = _field(int, "Target balloon size in 4 KiB pages.", minimum=0)
+    actual_pages: int = _field(int, "Pages the guest says the balloon holds.", minimum=0)
+    target_mib: int = _field(int, "Target balloon size in MiB.", minimum=0)
+    actual_mib: int = _field(int, "Balloon size the guest reports, in MiB.", minimum=0)
+    swap_in: int | None = _field(int, "Memory swapped in, bytes (VIRTIO_BALLOON_S_SWAP_IN).", default=None)
+    swap_out: int | None = _field(int, "Memory swapped out, bytes (VIRTIO_BALLOON_S_SWAP_OUT).", default=None)
+    major_faults: int | None = _field(int, "Major page faults (VIRTIO_BALLOON_S_MAJFLT).", default=None)
+    minor_faults: int | None = _field(int, "Minor page faults (VIRTIO_BALLOON_S_MINFLT).", default=None)
+    free_memory: int | None = _field(int, "Unused memory, bytes (VIRTIO_BALLOON_S_MEMFREE).", default=None)
+    total_memory: int | None = _field(int, "Memory the guest can use, bytes (VIRTIO_BALLOON_S_MEMTOT).",
+                                      default=None)
+    available_memory: int | None = _field(int, "Memory available for new work, bytes (VIRTIO_BALLOON_S_AVAIL).",
+                                          default=None)
+    disk_caches: int | None = _field(int, "Memory in the page cache, bytes (VIRTIO_BALLOON_S_CACHES).",
+                                     default=None)
+    hugetlb_allocations: int | None = _field(int, "Huge page allocations (VIRTIO_BALLOON_S_HTLB_PGALLOC).",
+                                             default=None)
+    hugetlb_failures: int | None = _field(int, "Failed huge page allocations (VIRTIO_BALLOON_S_HTLB_PGFAIL).",
+                                          default=None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -294,6 +380,11 @@ class SnapshotLoadParams(Model):
     mem_backend: MemoryBackend | None = _field(MemoryBackend, "The guest memory's backend. Exactly one of "
                                                "mem_backend and mem_file_path.", default=None)
     resume_vm: bool = _field(bool, "Resume the VM once it is loaded (else it stays Paused).", default=False)
+    track_dirty_pages: bool = _field(bool, "Log the pages written after the load (KVM_MEM_LOG_DIRTY_PAGES), so the "
+                                     "next PUT /snapshot/create can be a Diff on this snapshot.", default=False)
+    base_mem_file_path: str | None = _field(str, "Popek extension: for a Diff memory file, host path of its base "
+                                            "(Full) memory file; absent: the path the Diff recorded when it was "
+                                            "taken.", default=None, path=True)
 
     def validate(self, where: str) -> None:
         if (self.mem_file_path is None) == (self.mem_backend is None):
@@ -335,6 +426,7 @@ class VmSpec:
     drives: dict[str, Drive] = field(default_factory=dict)
     network_interfaces: dict[str, NetworkInterface] = field(default_factory=dict)
     vsock: Vsock | None = None
+    balloon: Balloon | None = None
 
     @property
     def root_drive(self) -> Drive | None:
@@ -360,7 +452,7 @@ class VmSpec:
         for other in self.network_interfaces.values():
             if other.iface_id == iface.iface_id:
                 continue
-            if other.host_dev_name == iface.host_dev_name:
+            if other.host_dev_name == iface.host_dev_name and "%" not in iface.host_dev_name:
                 raise ApiError(400, f"network interface '{iface.iface_id}': tap device '{iface.host_dev_name}' is "
                                     f"already used by '{other.iface_id}'")
             if iface.guest_mac and other.guest_mac and other.guest_mac.lower() == iface.guest_mac.lower():
@@ -376,6 +468,7 @@ class VmSpec:
             "drives": [d.to_json() for d in self.drives.values()],
             "network-interfaces": [n.to_json() for n in self.network_interfaces.values()],
             "vsock": self.vsock.to_json() if self.vsock else None,
+            "balloon": self.balloon.to_json() if self.balloon else None,
         }
 
     @staticmethod
@@ -394,8 +487,9 @@ class VmSpec:
                 "drives": {"type": "array", "items": {"$ref": SCHEMA_REF + "Drive"}},
                 "network-interfaces": {"type": "array", "items": {"$ref": SCHEMA_REF + "NetworkInterface"}},
                 "vsock": ref("Vsock", nullable=True),
+                "balloon": ref("Balloon", nullable=True),
             },
-            "required": ["boot-source", "machine-config", "drives", "network-interfaces", "vsock"],
+            "required": ["boot-source", "machine-config", "drives", "network-interfaces", "vsock", "balloon"],
             "additionalProperties": False,
         }
 
@@ -403,4 +497,4 @@ class VmSpec:
 #: Every model whose schema the OpenAPI document carries, by schema name.
 MODELS: dict[str, type[Model]] = {m.__name__: m for m in (
     BootSource, MachineConfiguration, Drive, NetworkInterface, Vsock, InstanceActionInfo, Vm, SnapshotCreateParams,
-    MemoryBackend, SnapshotLoadParams, InstanceInfo)}
+    MemoryBackend, SnapshotLoadParams, InstanceInfo, Balloon, BalloonUpdate, BalloonStatsUpdate, BalloonStats)}

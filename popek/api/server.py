@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from popek.api.controller import Controller, vmm_version
-from popek.api.model import (ID_PATTERN, MODELS, SCHEMA_REF, ApiError, BootSource, Drive, InstanceActionInfo,
-                             MachineConfiguration, Model, NetworkInterface, SnapshotCreateParams,
-                             SnapshotLoadParams, Vm, VmSpec, Vsock)
+from popek.api.model import (ID_PATTERN, MODELS, SCHEMA_REF, ApiError, Balloon, BalloonStatsUpdate, BalloonUpdate,
+                             BootSource, Drive, InstanceActionInfo, MachineConfiguration, Model, NetworkInterface,
+                             SnapshotCreateParams, SnapshotLoadParams, Vm, VmSpec, Vsock)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,17 @@ ROUTES = (
           lambda s, p, b: s.controller.put_network_interface(p["iface_id"], b)),
     Route("PUT", "/vsock", "putGuestVsock", "Creates or updates the vsock device. Pre-boot only.", Vsock, None,
           lambda s, p, b: s.controller.put_vsock(b)),
+    Route("PUT", "/balloon", "putBalloon", "Creates or updates the balloon device. Pre-boot only.", Balloon, None,
+          lambda s, p, b: s.controller.put_balloon(b)),
+    Route("GET", "/balloon", "describeBalloonConfig", "Returns the balloon device's configuration.", None,
+          _ref("Balloon"), lambda s, p, b: s.controller.balloon()),
+    Route("PATCH", "/balloon", "patchBalloon", "Sets the balloon's target size, before or after start.",
+          BalloonUpdate, None, lambda s, p, b: s.controller.patch_balloon(b)),
+    Route("GET", "/balloon/statistics", "describeBalloonStats", "Returns the balloon's latest statistics. "
+          "Post-boot only, with a polling interval set.", None, _ref("BalloonStats"),
+          lambda s, p, b: s.controller.balloon_stats()),
+    Route("PATCH", "/balloon/statistics", "patchBalloonStatsInterval", "Sets the statistics polling interval, "
+          "before or after start.", BalloonStatsUpdate, None, lambda s, p, b: s.controller.patch_balloon_stats(b)),
     Route("PATCH", "/vm", "patchVm", "Pauses or resumes the microVM.", Vm, None,
           lambda s, p, b: s.controller.patch_vm(b)),
     Route("GET", "/vm/config", "getExportVmConfig", "Gets the full VM configuration.", None,

@@ -8,7 +8,6 @@ import struct
 import zlib
 
 import lz4.block
-import zstandard
 
 #: Leading magic bytes of each format the kernel build can use for vmlinux.bin.* (arch/x86/boot/compressed/Makefile).
 MAGICS = (
@@ -69,10 +68,10 @@ def _lz4_legacy(data: memoryview, limit: int) -> bytes:
     return b"".join(out)
 
 
-def _stream(decoder, data: memoryview, limit: int, name: str) -> bytes:
+def _stream(decoder, data: memoryview, limit: int, name: str, errors: tuple[type[Exception], ...] = ()) -> bytes:
     try:
         out = decoder.decompress(data, limit) if limit >= 0 else decoder.decompress(data)
-    except (zlib.error, lzma.LZMAError, OSError, EOFError, zstandard.ZstdError) as e:
+    except (zlib.error, lzma.LZMAError, OSError, EOFError, *errors) as e:
         raise PayloadError(f"{name} payload is corrupt: {e}") from None
     if not decoder.eof and not (limit >= 0 and len(out) >= limit):  # hitting the limit is a size error, below
         raise PayloadError(f"{name} payload is truncated: the stream ends before its end marker")
@@ -105,7 +104,9 @@ def decompress_payload(data: bytes | memoryview, *, expected_size: int | None = 
     elif kind == "bzip2":
         out = _stream(bz2.BZ2Decompressor(), view, limit, kind)
     elif kind == "zstd":
-        out = _stream(zstandard.ZstdDecompressor().decompressobj(), view, -1, kind)
+        import zstandard  # here, not at the top: it costs every VMM process ~0.7 MiB (benchmarks/density.py)
+
+        out = _stream(zstandard.ZstdDecompressor().decompressobj(), view, -1, kind, (zstandard.ZstdError,))
     else:
         raise PayloadError(f"{kind} payloads are not supported (no decompressor); supported: {', '.join(SUPPORTED)}")
     if expected_size is not None and len(out) != expected_size:

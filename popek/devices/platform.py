@@ -10,10 +10,12 @@ from typing import Callable, Protocol
 from popek.boot import layout
 from popek.bus import Bus
 from popek.devices.pci import PCI_INTERRUPT_LINE, PciBus, PciError
+from popek.devices.virtio.balloon import PAGES_PER_MIB, Balloon
 from popek.devices.virtio.block import Block
 from popek.devices.virtio.device import VirtioDevice
 from popek.devices.virtio.pci import BAR_INDEX, BAR_SIZE, VirtioPciDevice
 from popek.devices.virtio.rng import Rng
+from popek.devices.virtio.vsock import Vsock
 from popek.irq import CallbackIrqLine, MsiRouter
 from popek.memory import MMIO_HOLE_START, GuestMemory
 
@@ -47,6 +49,22 @@ class DriveLike(Protocol):
     path: object
     readonly: bool
     serial: str | None
+
+
+class VsockLike(Protocol):
+    """A vsock description (``popek.vm.VsockConfig``)."""
+
+    guest_cid: int
+    uds_path: object
+
+
+class BalloonLike(Protocol):
+    """A balloon description (``popek.vm.BalloonConfig``)."""
+
+    amount_mib: int
+    deflate_on_oom: bool
+    stats_polling_interval_s: int
+    free_page_reporting: bool
 
 
 class MmioWindow:
@@ -169,13 +187,30 @@ def _close_model(device: VirtioDevice) -> None:
         close()
 
 
-def add_virtio_devices(board: VirtioPciBoard, drives: Iterable[DriveLike], *, rng: bool = True) -> None:
-    """Add a virtio-blk device per drive (in order: the first is /dev/vda), then virtio-rng if ``rng``.
+def add_virtio_devices(board: VirtioPciBoard, drives: Iterable[DriveLike], *, rng: bool = True,
+                       nets: Iterable = (), vsock: VsockLike | None = None,
+                       balloon: BalloonLike | None = None) -> None:
+    """Add a virtio-blk device per drive (in order: the first is /dev/vda), a virtio-net device per ``nets`` entry
+    (``popek.net.iface.NetConfig``: its tap is created now, ``popek.net.iface.open_net``, and removed when the
+    board closes), then virtio-rng if ``rng``, then virtio-vsock if ``vsock`` (``popek.vm.VsockConfig``: its
+    Unix socket is bound now and removed when the board closes), then virtio-balloon if ``balloon``
+    (``popek.vm.BalloonConfig``).
 
     :raises VirtioError: for a drive image that cannot be used as asked (missing, read-only asked read-write, bad
-        serial); PciError when the bus or window is full.
+        serial), a tap that cannot be created; PciError when the bus or window is full.
     """
     for d in drives:
         board.add(Block(d.path, readonly=d.readonly, serial=d.serial))
+    if nets:
+        from popek.net.iface import open_net  # pyroute2 is imported only for VMs with a network
+
+        for n in nets:
+            board.add(open_net(n))
     if rng:
         board.add(Rng())
+    if vsock is not None:
+        board.add(Vsock(vsock.guest_cid, vsock.uds_path))
+    if balloon is not None:
+        board.add(Balloon(balloon.amount_mib * PAGES_PER_MIB, deflate_on_oom=balloon.deflate_on_oom,
+                          stats_interval_s=balloon.stats_polling_interval_s,
+                          free_page_reporting=balloon.free_page_reporting))

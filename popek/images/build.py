@@ -11,7 +11,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from popek.images import cache, debian, microvm
+from popek.images import agent, cache, debian, microvm
 from popek.images.cache import ImageError
 from popek.images.cpio import CpioWriter
 
@@ -57,11 +57,12 @@ def _microvm_kernel_key() -> str:
 
 def image_key(kind: str, *, update: bool = False) -> str:
     """Cache entry name of image `kind`, from its inputs' versions as apt sees them (no network unless `update`):
-    microvm-<linux-source-6.1 version>-<sha256(fragment, init, busybox version, initramfs layout)[:12]>,
-    debian-<kernel release>-<kernel package version>-<busybox version>-<sha256(init, modules, layout)[:12]>.
+    microvm-<linux-source-6.1 version>-<sha256(fragment, init, busybox version, initramfs layout, agent.c)[:12]>,
+    debian-<kernel release>-<kernel package version>-<busybox version>-<sha256(init, modules, layout,
+    agent.c)[:12]>. (The microvm kernel has its own key: an agent change rebuilds only the initramfs.)
     Raises ImageError for an unknown kind or when apt cannot name a version."""
     busybox = debian.candidate_version(debian.BUSYBOX_PACKAGE, update=update)  # what `apt-get download` fetches
-    init, layout = INIT.read_bytes(), _INITRAMFS_LAYOUT.encode()
+    init, layout = INIT.read_bytes(), _INITRAMFS_LAYOUT.encode() + b"\0" + agent.SOURCE.read_bytes()
     if kind == "microvm":
         source = microvm.source_version() or debian.candidate_version(microvm.SOURCE_PACKAGE, update=update)
         return cache.entry_name("microvm", source, _digest(microvm.FRAGMENT.read_bytes(), init, busybox.encode(),
@@ -96,11 +97,13 @@ def _add_tree(writer: CpioWriter, root: Path, prefix: str) -> None:
             writer.add_file(name, path.read_bytes(), stat.S_IMODE(path.stat().st_mode))
 
 
-def make_initramfs(busybox: Path, modules_root: Path | None = None, init: Path = INIT) -> bytes:
+def make_initramfs(busybox: Path, modules_root: Path | None = None, init: Path = INIT,
+                   agent_binary: Path | None = None) -> bytes:
     """The guest initramfs as uncompressed newc cpio bytes: /init (`init`, mode 0755), /bin/busybox with symlinks
     for APPLETS, /sbin, /usr/bin, /usr/sbin -> bin, /dev/console (c 5:1, the console before devtmpfs), empty /proc
     /sys /dev /tmp /root /run, /etc/passwd and /etc/group for root, and, if `modules_root` is given, its lib/ tree
-    (lib/modules/<release>/...). Raises ImageError if the busybox binary lacks a listed applet."""
+    (lib/modules/<release>/...), and, if `agent_binary` is given, the guest agent as /bin/popek-agent (mode 0755;
+    popek.images.agent). Raises ImageError if the busybox binary lacks a listed applet."""
     have = _busybox_applets(busybox)
     if have is not None and (missing := [a for a in APPLETS if a not in have]):
         raise ImageError(f"{busybox} lacks applets the guest needs: {', '.join(missing)}")
@@ -118,6 +121,8 @@ def make_initramfs(busybox: Path, modules_root: Path | None = None, init: Path =
     w.add_symlink("usr/sbin", "../bin")
     w.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     w.add_file("etc/group", b"root:x:0:\n")
+    if agent_binary is not None:
+        w.add_file(agent.GUEST_PATH, agent_binary.read_bytes(), 0o755)
     if modules_root is not None and (modules_root / "lib").is_dir():
         w.add_dir("lib")
         _add_tree(w, modules_root / "lib", "lib")
@@ -151,7 +156,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def _build_microvm(entry: Path, kernel_dir: Path, progress: bool) -> None:
     _say(progress, "fetching busybox-static")
     busybox = debian.fetch_busybox(entry / "work")
-    (entry / "initrd.cpio").write_bytes(make_initramfs(busybox))
+    (entry / "initrd.cpio").write_bytes(make_initramfs(busybox, agent_binary=agent.build_agent(entry / "work" /
+                                                                                             "popek-agent")))
     for name in ("vmlinux", "System.map", "config", "build.log"):
         _link_or_copy(kernel_dir / name, entry / name)
     shutil.rmtree(entry / "work")
@@ -166,7 +172,8 @@ def _build_debian(entry: Path, progress: bool) -> None:
     kernel = debian.fetch_kernel(package, work)
     busybox = debian.fetch_busybox(work)
     debian.copy_modules(kernel, work / "modroot")
-    (entry / "initrd.cpio").write_bytes(make_initramfs(busybox, work / "modroot"))
+    (entry / "initrd.cpio").write_bytes(make_initramfs(busybox, work / "modroot",
+                                                       agent_binary=agent.build_agent(work / "popek-agent")))
     shutil.copy2(kernel.vmlinuz, entry / "vmlinuz")
     if kernel.system_map:
         shutil.copy2(kernel.system_map, entry / "System.map")

@@ -10,9 +10,6 @@ import os
 import struct
 import threading
 
-from pyroute2 import IPRoute, NetNS
-from pyroute2.netlink.exceptions import NetlinkError
-
 # <linux/if_tun.h> ioctls and flags.
 TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
 TUNSETPERSIST = 0x400454CB  # _IOW('T', 203, int)
@@ -71,6 +68,19 @@ def parse_mac(text: str | bytes) -> bytes:
 def format_mac(mac: bytes) -> str:
     """``mac`` (6 bytes) as lower-case ``aa:bb:cc:dd:ee:ff``."""
     return ":".join(f"{b:02x}" for b in mac)
+
+
+def check_ifname(name: str) -> str:
+    """``name`` if Linux takes it as an interface name (``dev_valid_name``: 1..15 bytes, not ``.``/``..``, no
+    ``/``, ``:`` or white space; ``%d`` lets the kernel pick the number).
+
+    :raises ValueError: saying why not.
+    """
+    if not name or len(name.encode()) > IFNAME_MAX or name in (".", "..") or "/" in name or ":" in name \
+            or any(c.isspace() for c in name):
+        raise ValueError(f"tap name {name!r} is not a valid interface name (1..{IFNAME_MAX} bytes, no '/', ':' "
+                         f"or spaces)")
+    return name
 
 
 def _netns_path(netns: str) -> str:
@@ -152,13 +162,12 @@ class Tap:
             exist, or netlink refused the link/address change.
         :raises ValueError: for a name that is too long or an unparseable address.
         """
-        name = "popek%d" if name is None else name
-        if not name or len(name.encode()) > IFNAME_MAX or "/" in name or any(c.isspace() for c in name):
-            raise ValueError(f"tap name {name!r} is not a valid interface name (1..{IFNAME_MAX} bytes, no '/' "
-                             f"or spaces)")
+        name = check_ifname("popek%d" if name is None else name)
         addr = ipaddress.ip_interface(host_addr) if host_addr is not None else None
         if netns is not None:
             _netns_path(netns)
+        from pyroute2.netlink.exceptions import NetlinkError  # imported on use: pyroute2 takes ~0.2 s to import
+
         fd, name = _open_tap(name, netns)
         tap = cls(fd, name, 0, netns, addr)
         try:
@@ -176,7 +185,9 @@ class Tap:
             raise
         return tap
 
-    def _ipr(self) -> IPRoute:
+    def _ipr(self):
+        from pyroute2 import IPRoute, NetNS
+
         return IPRoute() if self.netns is None else NetNS(self.netns, flags=0)  # flags=0: never create it
 
     def fileno(self) -> int:
@@ -202,6 +213,8 @@ class Tap:
         """Delete the link and close the fd (idempotent). A link already gone is not an error."""
         if self.fd < 0:
             return
+        from pyroute2.netlink.exceptions import NetlinkError
+
         try:
             if self.index:
                 with self._ipr() as ipr:

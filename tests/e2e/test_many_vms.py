@@ -87,7 +87,7 @@ class Host:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                 except OSError:
                     continue
-                if b"popek.vmm" in cmd and any(n.encode() in cmd for n in self.names):
+                if (b"popek.vmm" in cmd or b"popek.jail" in cmd) and any(n.encode() in cmd for n in self.names):
                     found.append(f"process {pid}: {b' '.join(cmd).decode(errors='replace')}")
         cgroups = subprocess.run(["find", str(CGROUP_ROOT), "-maxdepth", "3", "-iname", "*popek*"],
                                  capture_output=True, text=True).stdout.split()

@@ -13,7 +13,7 @@ import pytest
 from popek import persist
 from popek.boot.x86 import setup_long_mode
 from popek.memory import GuestMemory
-from popek.snapshot import SnapshotError
+from popek.snapshot import SnapshotError, load_memory, read_memory_info, read_state
 from popek.vm import MIN_MEMORY, Vm, VmConfig, VmError, VmState
 from test_state import Recorder  # the port-write recorder the state tests use
 
@@ -28,13 +28,13 @@ def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-def _tiny_vm(image) -> Vm:
+def _tiny_vm(image, track_dirty_pages: bool = False) -> Vm:
     """A Vm whose RAM holds the counting guest instead of a kernel (the restore path's ``memory=`` skips the
     kernel load), vCPU 0 set up in long mode at its entry, and a Recorder on PORT_OUT."""
     mem = GuestMemory.x86(MIN_MEMORY)
     mem.write(image.load_address, image.data)
-    vm = Vm(VmConfig(kernel="/nonexistent/tiny-guest", cmdline="tiny", memory=MIN_MEMORY, repair_syscall=False),
-            memory=mem)
+    vm = Vm(VmConfig(kernel="/nonexistent/tiny-guest", cmdline="tiny", memory=MIN_MEMORY, repair_syscall=False,
+                     track_dirty_pages=track_dirty_pages), memory=mem)
     setup_long_mode(vm.memory, vm.vcpus[0].fd, image.load_address)
     return vm
 
@@ -192,7 +192,7 @@ def test_vm_handle_loads_a_snapshot_paused_resumes_it_and_snapshots_it_again(sav
         h.pause()
         last = out.values[-1]
         h.snapshot_create(snapshot_type="Full", snapshot_path=str(tmp_path / "s2"), mem_file_path=str(tmp_path / "m2"))
-        with pytest.raises(NotImplementedError, match="Diff snapshots are not supported yet"):
+        with pytest.raises(VmError, match="needs a VM started with track_dirty_pages"):
             h.snapshot_create(snapshot_type="Diff", snapshot_path=str(tmp_path / "s3"),
                               mem_file_path=str(tmp_path / "m3"))
     finally:
@@ -210,3 +210,88 @@ def test_vm_handle_loads_a_snapshot_paused_resumes_it_and_snapshots_it_again(sav
         assert out.wait(3, 10) and out.values[:3] == [last + 1, last + 2, last + 3]
     finally:
         dst.stop()
+
+
+def _ram(mem: GuestMemory) -> list[bytes]:
+    return [bytes(r.map) for r in mem.regions]
+
+
+def _counting(guest_image, vms) -> tuple[Vm, Recorder]:
+    """The counting guest running in a Vm that tracks dirty pages, and its port recorder."""
+    vm = _tiny_vm(guest_image("counter"), track_dirty_pages=True)
+    vms(vm)
+    out = _attach(vm)
+    vm.start()
+    return vm, out
+
+
+def test_diff_snapshot_over_its_base_equals_the_full_snapshot_byte_for_byte(guest_image, vms, tmp_path):
+    vm, out = _counting(guest_image, vms)
+    assert out.wait(3, 10)
+    with pytest.raises(VmError, match="take a Full snapshot first"):
+        persist.snapshot(vm, tmp_path / "early", diff=True)
+    persist.snapshot(vm, tmp_path / "base")  # of the running VM: the guest counts on afterwards
+    assert out.wait(len(out.values) + 3, 10)
+    vm.pause()
+    dma = 20 << 20  # a page neither the guest nor the base touched, written by the VMM (as device DMA would be)
+    vm.memory.write(dma + 100, b"written by a device")
+    persist.snapshot(vm, tmp_path / "diff", diff=True)
+    persist.snapshot(vm, tmp_path / "full")
+    last = out.values[-1]
+    live = _ram(vm.memory)
+    vm.stop()
+
+    diff, full = read_state(tmp_path / "diff" / "state"), read_state(tmp_path / "full" / "state")
+    assert diff.memory.kind == "diff" and diff.memory.base_id == read_memory_info(tmp_path / "base" / "memory").id
+    assert diff.config.extra[persist.BASE_MEMORY] == str(tmp_path / "base" / "memory")
+    allocated = os.stat(tmp_path / "diff" / "memory").st_blocks * 512
+    assert allocated < os.stat(tmp_path / "full" / "memory").st_blocks * 512  # sparse, and fewer pages than Full
+    with load_memory(tmp_path / "diff" / "memory", diff.memory, base_path=tmp_path / "base" / "memory") as a, \
+            load_memory(tmp_path / "full" / "memory", full.memory) as b:
+        assert _ram(a) == _ram(b) == live
+        assert a.read(dma + 100, 19) == b"written by a device"
+
+    dst = persist.restore(tmp_path / "diff")  # finds its base by the path it recorded
+    vms(dst)
+    new = _attach(dst)
+    dst.start()
+    assert new.wait(3, 10) and new.values[:3] == [last + 1, last + 2, last + 3]
+
+
+def test_a_second_diff_is_on_the_first_and_restores_once_that_is_merged(guest_image, vms, tmp_path):
+    from popek.snapshot import merge_diff
+
+    vm, out = _counting(guest_image, vms)
+    assert out.wait(3, 10)
+    persist.snapshot(vm, tmp_path / "s0")
+    for d in ("s1", "s2"):
+        assert out.wait(len(out.values) + 2, 10)
+        vm.pause()
+        persist.snapshot(vm, tmp_path / d, diff=True)
+        last = out.values[-1]
+        vm.resume()
+    vm.stop()
+    with pytest.raises(SnapshotError, match="is itself a diff"):
+        persist.restore(tmp_path / "s2")
+    merge_diff(tmp_path / "s0" / "memory", tmp_path / "s1" / "memory", tmp_path / "s1" / "memory")
+    dst = persist.restore(tmp_path / "s2")
+    vms(dst)
+    new = _attach(dst)
+    dst.start()
+    assert new.wait(2, 10) and new.values[:2] == [last + 1, last + 2]
+
+
+def test_a_failed_diff_keeps_its_pages_for_the_next_one(guest_image, vms, tmp_path):
+    vm, out = _counting(guest_image, vms)
+    assert out.wait(2, 10)
+    persist.snapshot(vm, tmp_path / "base")
+    vm.pause()
+    vm.memory.write(20 << 20, b"dma")
+    with pytest.raises(OSError):
+        persist.save(vm, tmp_path / "s", tmp_path / "no-such-dir" / "memory", diff=True)
+    persist.snapshot(vm, tmp_path / "diff", diff=True)
+    live = _ram(vm.memory)
+    vm.stop()
+    diff = read_state(tmp_path / "diff" / "state")
+    with load_memory(tmp_path / "diff" / "memory", diff.memory, base_path=tmp_path / "base" / "memory") as m:
+        assert _ram(m) == live

@@ -160,7 +160,7 @@ def test_put_boot_source_is_204_and_appears_in_vm_config(api, files):
 def test_vm_config_has_firecracker_keys_and_defaults_before_any_put(api):
     status, config = api.get("/vm/config")
     assert status == 200
-    assert config == {"boot-source": None, "drives": [], "network-interfaces": [], "vsock": None,
+    assert config == {"boot-source": None, "drives": [], "network-interfaces": [], "vsock": None, "balloon": None,
                       "machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "smt": False,
                                          "track_dirty_pages": False}}
 
@@ -483,8 +483,27 @@ def test_snapshot_load_gives_the_memory_backend_path_and_resume_flag_to_the_vm(w
                 "resume_vm": resume}
         assert a.put("/snapshot/load", body) == (204, None)
         assert a.factory.vms[0].calls == [("snapshot_load", {"snapshot_path": "/s", "mem_file_path": "/mem",
-                                                             "resume_vm": resume})]
+                                                             "resume_vm": resume, "track_dirty_pages": False,
+                                                             "base_mem_file_path": None})]
         assert a.get("/")[1]["state"] == state
+    finally:
+        a.close()
+
+
+def test_snapshot_load_with_track_dirty_pages_and_a_base_passes_them_on_and_then_allows_a_diff(workdir):
+    a = Api(workdir, Factory(snapshots=True))
+    try:
+        body = {"snapshot_path": "/s", "mem_file_path": "/diff", "base_mem_file_path": "/base",
+                "track_dirty_pages": True}
+        assert a.put("/snapshot/load", body) == (204, None)
+        assert a.factory.vms[0].calls == [("snapshot_load", {"snapshot_path": "/s", "mem_file_path": "/diff",
+                                                             "resume_vm": False, "track_dirty_pages": True,
+                                                             "base_mem_file_path": "/base"})]
+        assert a.get("/machine-config")[1]["track_dirty_pages"] is True
+        create = {"snapshot_path": "/s2", "mem_file_path": "/m2", "snapshot_type": "Diff"}
+        assert a.put("/snapshot/create", create) == (204, None)
+        assert a.factory.vms[0].calls[-1] == ("snapshot_create", {"snapshot_type": "Diff", "snapshot_path": "/s2",
+                                                                  "mem_file_path": "/m2"})
     finally:
         a.close()
 
@@ -492,7 +511,7 @@ def test_snapshot_load_gives_the_memory_backend_path_and_resume_flag_to_the_vm(w
 # --- HTTP: routing, limits, connections -------------------------------------------------------------------------
 
 def test_unknown_resource_is_404(api):
-    assert "/balloon" in api.error(404, "GET", "/balloon")
+    assert "/hotplug" in api.error(404, "GET", "/hotplug")
     api.error(404, "PUT", "/drives/")
 
 

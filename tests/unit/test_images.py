@@ -174,7 +174,13 @@ def _busybox():
 def test_init_passes_busybox_sh_syntax_check():
     proc = subprocess.run([_busybox(), "sh", "-n", str(build.INIT)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert build.INIT.read_text().startswith("#!/bin/busybox sh\n")
+    assert build.INIT.read_text().startswith("#!/bin/sh\n")
+
+
+@pytest.mark.skipif(shutil.which("dash") is None, reason="dash not installed")
+def test_init_passes_dash_syntax_check_for_debian_root_file_systems():
+    proc = subprocess.run(["dash", "-n", str(build.INIT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def _fake_busybox(tmp_path, applets):
@@ -285,3 +291,27 @@ def test_copy_modules_names_a_missing_wanted_module(tmp_path):
     kernel = debian.DebianKernel(tmp_path / "vmlinuz", None, "r", mods)
     with pytest.raises(ImageError, match="no module 'virtio_pci'"):
         debian.copy_modules(kernel, tmp_path / "root", wanted=("virtio_pci",))
+
+
+# ---- the guest agent in the images ---------------------------------------------------------------------------------
+
+def test_agent_source_change_rebuilds_the_initramfs_not_the_microvm_kernel(inputs, tmp_path, monkeypatch):
+    from popek.images import agent
+
+    source = tmp_path / "agent.c"
+    source.write_bytes(agent.SOURCE.read_bytes())
+    monkeypatch.setattr(agent, "SOURCE", source)
+    before = image_key("microvm"), image_key("debian"), build._microvm_kernel_key()
+    source.write_bytes(source.read_bytes() + b"/* changed */\n")
+    after = image_key("microvm"), image_key("debian"), build._microvm_kernel_key()
+    assert after[0] != before[0] and after[1] != before[1]
+    assert after[2] == before[2]
+
+
+def test_initramfs_holds_the_agent_as_an_executable_bin_popek_agent(tmp_path):
+    fake_agent = tmp_path / "popek-agent"
+    fake_agent.write_bytes(b"\x7fELF agent")
+    entries = _entries(make_initramfs(_fake_busybox(tmp_path, build.APPLETS), agent_binary=fake_agent))
+    mode, _, _, data = entries["bin/popek-agent"]
+    assert data == b"\x7fELF agent" and stat.S_ISREG(mode) and stat.S_IMODE(mode) == 0o755
+    assert "bin/popek-agent" not in _entries(make_initramfs(_fake_busybox(tmp_path, build.APPLETS)))

@@ -244,3 +244,25 @@ def test_close_closes_the_image_files_and_unmaps_the_bars(board, image):
     assert dev.device.fd == -1 and board.devices == []
     assert board.mmio.resolve(PCI_MMIO_START) is None
     assert board.vm.ioeventfds[-1][2] is True  # the notify ioeventfd was deassigned
+
+
+def test_vsock_is_added_after_rng_listening_on_its_socket_which_closing_the_board_removes(board, tmp_path):
+    from popek.devices.virtio.vsock import Vsock
+    from popek.vm import VsockConfig
+
+    sock = tmp_path / "v.sock"
+    add_virtio_devices(board, [], rng=True, vsock=VsockConfig(3, sock))
+    assert [type(d.device) for d in board.devices] == [Rng, Vsock]
+    assert sock.is_socket() and board.devices[1].device.guest_cid == 3
+    board.close()
+    assert not sock.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_vsock_socket_path_that_exists_is_refused_and_left_alone(board, tmp_path):
+    from popek.vm import VsockConfig
+
+    taken = tmp_path / "v.sock"
+    taken.write_text("not ours")
+    with pytest.raises(VirtioError, match="already exists"):
+        add_virtio_devices(board, [], rng=False, vsock=VsockConfig(3, taken))
+    assert taken.read_text() == "not ours"

@@ -448,3 +448,18 @@ def test_shared_file_mapping_writes_through_and_a_short_file_is_refused(tmp_path
     assert path.read_bytes()[PAGE_SIZE:PAGE_SIZE + 2] == b"hi"
     with pytest.raises(ValueError, match=r"8192 bytes, the memory regions need 12288"):
         GuestMemory.from_file(path, [(0, 3 * PAGE_SIZE)])
+
+
+def test_full_memory_file_of_mostly_untouched_ram_reads_only_the_written_pages(tmp_path):
+    from popek.snapshot import load_memory, write_memory
+
+    with GuestMemory([(0, 256 << 20)]) as mem:
+        mem.write(5 << 20, b"a")
+        mem.write((200 << 20) + 4095, b"bc")  # straddles two pages
+        info = write_memory(tmp_path / "m", mem)
+        r = mem.regions[0]
+        assert os.fstat(r.fd).st_blocks * 512 <= 4 * 4096  # the untouched memfd holes were not read (no shmem pages)
+        with load_memory(tmp_path / "m", info) as back:
+            assert back.read(5 << 20, 1) == b"a" and back.read((200 << 20) + 4095, 2) == b"bc"
+            assert back.read(0, 4096) == bytes(4096) and back.read(100 << 20, 4096) == bytes(4096)
+    assert os.stat(tmp_path / "m").st_blocks * 512 <= 5 * 4096  # sparse: three data pages and the trailer

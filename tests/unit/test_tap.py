@@ -76,7 +76,7 @@ def test_create_makes_an_up_link_with_the_host_address_in_the_namespace(netns):
         assert "UP" in link["flags"]
         assert {(a["local"], a["prefixlen"]) for a in link["addr_info"] if a["family"] == "inet"} == \
             {("172.16.0.1", 30)}
-        assert tap.name not in sh("ip", "-o", "link")  # nothing leaked into the test's own namespace
+        assert link["address"] not in sh("ip", "-o", "link")  # nothing leaked into the test's own namespace
         assert os.get_blocking(tap.fd) is False
 
 

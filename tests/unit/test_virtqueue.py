@@ -696,3 +696,33 @@ def assert_unchanged_outside(before, after, allowed):
             if lo > pos:
                 assert old[pos:lo] == new[pos:lo], f"memory changed in {base + pos:#x}..{base + lo:#x}"
             pos = max(pos, hi)
+
+
+# --- host-write log (diff snapshots) ------------------------------------------------------------------------
+
+
+def test_used_chain_logs_its_writable_buffers_and_the_used_ring_as_host_writes_but_not_readable_ones(mem):
+    d = FakeDriver(mem, heap=0x10000)
+    q = d.queue()
+    head = d.add([b"r" * 5000], [6000, 10])  # a readable buffer over 2 pages, writable ones over 3 pages
+    d.kick()
+    mem.track_host_writes()  # after the driver's set-up: what follows is the device's doing
+    chain = q.pop()
+    assert mem.take_host_dirty() == set()  # popping reads only (no EVENT_IDX: no avail_event write)
+    chain.write(0, b"w" * 6010)
+    q.add_used(chain.head, 6010)
+    readable, writable = d.buffers[head]
+    want = {p & ~0xFFF for g, n in writable for p in range(g, g + n)}
+    want |= {d.used_ring & ~0xFFF, (d.used_ring + 4 + 8 * d.size) & ~0xFFF}
+    assert mem.take_host_dirty() == want
+    assert readable[0] & ~0xFFF not in want  # the page only the readable buffer covers
+    assert mem.take_host_dirty() == set()  # taking starts a new log
+
+
+def test_without_tracking_nothing_is_logged(mem):
+    d = FakeDriver(mem)
+    q = d.queue()
+    d.add([], [64])
+    d.kick()
+    q.add_used(q.pop().head, 64)
+    assert mem.host_dirty is None and mem.take_host_dirty() == set()

@@ -29,8 +29,10 @@ class FakeVM:
 
     instances = []
 
-    def __init__(self, command=None, *, kernel=None, initrd=None, memory="256M", cpus=1, append="", on_output=None):
-        self.kwargs = dict(command=command, kernel=kernel, initrd=initrd, memory=memory, cpus=cpus, append=append)
+    def __init__(self, command=None, *, kernel=None, initrd=None, memory="256M", cpus=1, append="", on_output=None,
+                 **devices):
+        self.kwargs = dict(command=command, kernel=kernel, initrd=initrd, memory=memory, cpus=cpus, append=append,
+                           **devices)
         self.on_output = on_output
         self.state = VmState.CREATED
         self.calls = []
@@ -93,7 +95,8 @@ def test_spec_becomes_vm_arguments_kernel_initrd_boot_args_as_append_cpus_and_me
     kernel, initrd = files
     h = handle(spec_of(kernel, initrd, boot_args="popek.cmd=dHJ1ZQ== loglevel=7", vcpus=2, mib=192))
     assert h.vm.kwargs == dict(command=None, kernel=str(kernel), initrd=str(initrd), memory=192 << 20, cpus=2,
-                               append="popek.cmd=dHJ1ZQ== loglevel=7")
+                               append="popek.cmd=dHJ1ZQ== loglevel=7", track_dirty_pages=False, drives=[], nets=[],
+                               vsock=None, balloon=None)
 
 
 def test_relative_kernel_path_named_like_an_image_kind_is_made_absolute(tmp_path, monkeypatch):
@@ -112,13 +115,38 @@ def test_spec_without_boot_source_is_refused():
         vm_arguments(VmSpec())
 
 
-def test_drives_network_and_vsock_are_refused_as_not_supported_yet(files, tmp_path):
-    spec = spec_of(files[0])
+def test_drives_become_drive_configs_root_first_with_drive_id_as_serial_and_root_on_the_cmdline(files, tmp_path):
+    spec = spec_of(files[0], boot_args="quiet")
+    spec.set_drive(Drive(drive_id="data", path_on_host=str(tmp_path / "d.img"), is_root_device=False,
+                         is_read_only=False))
     spec.set_drive(Drive(drive_id="root", path_on_host=str(files[1]), is_root_device=True, is_read_only=True))
-    spec.set_network_interface(NetworkInterface(iface_id="eth0", host_dev_name="tap0"))
-    spec.vsock = Vsock(guest_cid=3, uds_path=str(tmp_path / "v.sock"))
-    with pytest.raises(NotImplementedError, match="drives and network interfaces and vsock: not supported"):
-        vm_arguments(spec)
+    args = vm_arguments(spec)
+    assert [(str(d.path), d.readonly, d.serial) for d in args["drives"]] == [
+        (str(files[1]), True, "root"), (str(tmp_path / "d.img"), False, "data")]
+    assert args["append"] == "root=/dev/vda ro quiet"
+    spec.set_drive(Drive(drive_id="root", path_on_host=str(files[1]), is_root_device=True, is_read_only=False,
+                         partuuid="0eaa91a0-01"))
+    assert vm_arguments(spec)["append"] == "root=PARTUUID=0eaa91a0-01 rw quiet"
+
+
+def test_network_interfaces_become_net_configs_with_their_tap_mac_and_addresses(files):
+    from popek.net.iface import NetConfig
+
+    spec = spec_of(files[0])
+    spec.set_network_interface(NetworkInterface(iface_id="eth0", host_dev_name="tap0", guest_mac="52:54:00:00:00:07",
+                                                host_address="10.7.0.1/24", guest_address="10.7.0.9"))
+    spec.set_network_interface(NetworkInterface(iface_id="eth1", host_dev_name="popek%d"))
+    assert vm_arguments(spec)["nets"] == [NetConfig("tap0", "10.7.0.1/24", "10.7.0.9", "52:54:00:00:00:07"),
+                                          NetConfig("popek%d")]
+
+
+def test_vsock_becomes_a_vsock_config_with_its_cid_and_socket_path(files, tmp_path):
+    from popek.vm import VsockConfig
+
+    spec = spec_of(files[0])
+    assert vm_arguments(spec)["vsock"] is None
+    spec.vsock = Vsock(guest_cid=7, uds_path=str(tmp_path / "v.sock"))
+    assert vm_arguments(spec)["vsock"] == VsockConfig(7, tmp_path / "v.sock")
 
 
 def test_console_output_callback_reaches_the_vm(files):
@@ -188,12 +216,12 @@ def test_stop_before_start_releases_the_vm_without_starting_it(files):
     assert h.vm.calls == [] and h.vm.closed == 1
 
 
-def test_ctrl_alt_del_and_diff_snapshots_are_refused_saying_why(files):
+def test_ctrl_alt_del_and_unknown_snapshot_types_are_refused_saying_why(files):
     h = handle(spec_of(files[0]))
     with pytest.raises(NotImplementedError, match="keyboard"):
         h.send_ctrl_alt_del()
-    with pytest.raises(NotImplementedError, match="[Dd]iff"):
-        h.snapshot_create(snapshot_type="Diff", snapshot_path="s", mem_file_path="m")
+    with pytest.raises(ValueError, match="neither Full nor Diff"):
+        h.snapshot_create(snapshot_type="Incremental", snapshot_path="s", mem_file_path="m")
 
 
 def test_controller_drives_the_handle_start_pause_and_refuses_ctrl_alt_del_with_400(files):

@@ -19,6 +19,7 @@ VIRTIO_F_VERSION_1 = 32
 #: Device IDs (§5): the ones modelled here.
 VIRTIO_ID_BLOCK = 2
 VIRTIO_ID_RNG = 4
+VIRTIO_ID_BALLOON = 5
 
 
 class VirtioError(Exception):
@@ -85,6 +86,12 @@ class VirtioDevice:
         self.acked_features = driver_features if ok else 0
         return ok
 
+    def queues_in_use(self) -> int:
+        """How many queues, the first ones, the driver uses with the features it acked: the transport activates
+        those (a device whose queues depend on features overrides it, e.g. virtio-balloon's statsq, §5.5.2).
+        The base: all of them."""
+        return len(self.queue_max_sizes)
+
     def config_read(self, offset: int, size: int) -> bytes:
         """``size`` bytes of the configuration structure at ``offset``; bytes past its end read as 0."""
         data = bytes(self.config[offset:offset + size]) if offset >= 0 else b""
@@ -104,12 +111,13 @@ class VirtioDevice:
         :param notify: called as ``notify(queue_index)`` from the worker thread to send a used buffer
             notification (the transport raises the queue's MSI-X vector or INTx + ISR bit).
         :param config_changed: called when the configuration changes, including when ``needs_reset`` is set.
-        :raises VirtioError: if already active, or the number or sizes of queues are not the device's.
+        :raises VirtioError: if already active, or the number (``queues_in_use``) or sizes of queues are not the
+            device's.
         """
         if self.active:
             raise VirtioError(f"{self.name}: activate while already active (reset first)")
-        if len(queues) != len(self.queue_max_sizes):
-            raise VirtioError(f"{self.name}: has {len(self.queue_max_sizes)} queues, activated with {len(queues)}")
+        if len(queues) != self.queues_in_use():
+            raise VirtioError(f"{self.name}: has {self.queues_in_use()} queues, activated with {len(queues)}")
         for i, (q, limit) in enumerate(zip(queues, self.queue_max_sizes)):
             if q.size > limit:
                 raise VirtioError(f"{self.name}: queue {i} size {q.size} exceeds its maximum {limit}")
@@ -171,13 +179,20 @@ class VirtioDevice:
 
     # --- the worker -----------------------------------------------------------------------------------------
 
-    def handle_chain(self, index: int, chain: DescriptorChain) -> int:
-        """Process one request from queue ``index``; returns the bytes written into its writable buffers.
+    def handle_chain(self, index: int, chain: DescriptorChain) -> int | None:
+        """Process one request from queue ``index``; returns the bytes written into its writable buffers, or None
+        to keep the chain (the device returns it later through ``release_held``, e.g. virtio-balloon's stats
+        buffer, VIRTIO 1.2 §5.5.6.3).
 
         Subclasses implement it. Raise VirtqueueError for a request that breaks the device's framing rules (the
         queue then stops); host-side failures must be reported to the driver in the request itself.
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement handle_chain")
+
+    def release_held(self, index: int) -> list[tuple[int, int]]:
+        """Subclass hook, called on the worker before it pops queue ``index``: ``(head, written_len)`` of chains
+        kept earlier (``handle_chain`` returned None) to return to the driver now. The base keeps none."""
+        return []
 
     def _run(self) -> None:
         while True:
@@ -199,11 +214,15 @@ class VirtioDevice:
     def _process(self, index: int) -> None:
         q = self.queues[index]
         try:
+            for head, written in self.release_held(index):
+                q.add_used(head, written)
             while not self._stop and index not in self.broken_queues:
                 chain = q.pop()
                 if chain is None:
                     break
-                q.add_used(chain.head, self.handle_chain(index, chain))
+                written = self.handle_chain(index, chain)
+                if written is not None:
+                    q.add_used(chain.head, written)
         except VirtqueueError as e:
             self.fail(index, str(e))
         except Exception as e:  # a device bug must not kill the worker silently
@@ -238,15 +257,17 @@ class VirtioDevice:
         if state["device_id"] != self.device_id:
             raise VirtioError(f"{self.name}: cannot restore state of device id {state['device_id']}")
         self.reset()
+        self.acked_features = state["acked_features"]  # before activate: the features decide queues_in_use
         if state["queues"]:
             if mem is None or notify is None:
+                self.acked_features = 0
                 raise VirtioError(f"{self.name}: restoring an active device needs guest memory and notify")
             try:
                 queues = [Virtqueue.from_state(mem, s) for s in state["queues"]]
-            except VirtqueueError as e:
+                self.activate(mem, queues, notify, config_changed)
+            except (VirtqueueError, VirtioError) as e:
+                self.acked_features = 0
                 raise VirtioError(f"{self.name}: bad queue state: {e}") from e
-            self.activate(mem, queues, notify, config_changed)
-        self.acked_features = state["acked_features"]
         self.needs_reset, self.reset_reason = state["needs_reset"], state["reset_reason"]
         self.broken_queues = set(state["broken_queues"])
         for index in range(len(self.queues)):  # buffers made available before the snapshot get served

@@ -333,13 +333,14 @@ class VirtioPciDevice(PciDevice):
 
     def _activate(self) -> None:
         feats = self.device.acked_features
+        in_use = self.queues[:self.device.queues_in_use()]  # the rest may stay disabled (§4.1.4.3 queue_enable)
         try:
-            for i, q in enumerate(self.queues):
+            for i, q in enumerate(in_use):
                 if not q.enable:
                     raise VirtioError(f"queue {i} was not enabled before DRIVER_OK")
             queues = [Virtqueue(self.mem, q.size, q.desc, q.driver, q.device,
                                 event_idx=bool(feats >> VIRTIO_RING_F_EVENT_IDX & 1),
-                                indirect_desc=bool(feats >> VIRTIO_RING_F_INDIRECT_DESC & 1)) for q in self.queues]
+                                indirect_desc=bool(feats >> VIRTIO_RING_F_INDIRECT_DESC & 1)) for q in in_use]
             self.device.activate(self.mem, queues, self._queue_interrupt, self._config_changed)
         except (VirtioError, VirtqueueError) as e:
             log.error("%s: activation failed, device needs reset: %s", self.device.name, e)

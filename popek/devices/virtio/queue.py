@@ -127,6 +127,7 @@ class Virtqueue:
         self.used_idx = 0  # our copy of used->idx; the guest's copy is never read back
         self._signalled_used = 0  # used idx at the last needs_notification() check
         self._signalled_valid = True
+        self._segments: dict[int, list[tuple[int, int, bool]]] = {}  # popped, not yet used: head -> segments
 
     # --- available ring -------------------------------------------------------------------------------------
 
@@ -160,6 +161,7 @@ class Virtqueue:
                                  f"{self.last_avail_idx}, more than the queue size {self.size} (§2.7.6)")
         head = self.mem.read_u16(self.avail_gpa + 4 + 2 * (self.last_avail_idx % self.size))
         chain = self._walk(head)
+        self._segments[head] = chain.segments
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         return chain
 
@@ -232,12 +234,18 @@ class Virtqueue:
     def add_used(self, head: int, written_len: int) -> None:
         """Return chain ``head`` to the driver, ``written_len`` bytes written into its writable buffers (§2.7.8).
 
-        The element is written before the used ``idx`` is advanced.
+        The element is written before the used ``idx`` is advanced. While guest memory logs host writes
+        (``GuestMemory.track_host_writes``, for diff snapshots) the chain's device-writable buffers are logged
+        here, when the device is done with them, and the used ring through ``GuestMemory.write``.
 
         :raises ValueError: if ``head`` is not a descriptor index or ``written_len`` does not fit a le32.
         """
         if not 0 <= head < self.size or not 0 <= written_len <= 0xFFFF_FFFF:
             raise ValueError(f"used element id {head} / len {written_len} out of range for queue size {self.size}")
+        if self.mem.host_dirty is not None:  # diff snapshots: KVM's dirty log does not see the device's writes
+            for gpa, length, writable in self._segments.pop(head, ()):
+                if writable:
+                    self.mem.mark_dirty(gpa, length)
         self.mem.write(self.used_gpa + 4 + 8 * (self.used_idx % self.size), _USED_ELEM.pack(head, written_len))
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self.mem.write_u16(self.used_gpa + 2, self.used_idx)
