@@ -26,7 +26,9 @@ One request per connection; the first frame the host sends is one of:
   EXIT, the agent SIGKILLs the command's process group.
 - REFRESH (0x05): u32 flags, u64 wall clock (ns since the Unix epoch), entropy bytes (u32 length + bytes), a
   hostname string. Flags: REFRESH_CLOCK (1) sets CLOCK_REALTIME, REFRESH_ENTROPY (2) adds the bytes to the
-  kernel's pool crediting 8 bits each (RNDADDENTROPY, random(4)), REFRESH_HOSTNAME (4) calls sethostname(2).
+  kernel's pool crediting 8 bits each (RNDADDENTROPY, random(4)) and reseeds the CRNG from it (RNDRESEEDCRNG:
+  else the CRNG of a restored snapshot's clones would give the same bytes until its next periodic reseed),
+  REFRESH_HOSTNAME (4) calls sethostname(2).
   Answer: OK (0x85, empty) or ERROR saying which step failed. (Warm start from a snapshot uses it: the guest's
   clock and entropy pool are the snapshot's.)
 - PING (0x06, empty): answered by OK with the agent's version string.

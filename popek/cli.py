@@ -118,9 +118,11 @@ def main() -> None:
 @click.option("--detach", "-d", is_flag=True, help="run in the background in its own VMM process (see `popek ps`)")
 @click.option("--name", default=None, help="with --detach: the VM's name (default: generated)")
 @jail_options
+@click.option("--cold", is_flag=True, help="boot the guest, even if a warm template exists (popek.warm; also "
+              "POPEK_NO_WARM=1)")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(kernel, initrd, append, memory, cpus, stats, stats_json, profile, profile_interval, system_map, no_extract,
-        drives, no_rng, nets, rootfs, persist, rootfs_size, vsock, detach, name, jail, uid, gid, command):
+        drives, no_rng, nets, rootfs, persist, rootfs_size, vsock, detach, name, jail, uid, gid, cold, command):
     """Boot a guest and run COMMAND in it (after `--`); with no COMMAND, an interactive shell.
 
     Exits with the guest command's exit status. With --detach, prints the VM's name and returns once it runs.
@@ -138,6 +140,11 @@ def run(kernel, initrd, append, memory, cpus, stats, stats_json, profile, profil
                                           uid=uid, gid=gid, rootfs=rootfs, persist=persist,
                                           rootfs_size=rootfs_size))
         return
+    from popek import warm
+
+    if warm.cold_reason(command=command, kernel=kernel, initrd=initrd, drives=drives, nets=nets, rootfs=rootfs,
+                        profile=profile, no_extract=no_extract, no_rng=no_rng, vsock=vsock, cold=cold) is None:
+        _run_warm(warm, list(command), kernel, memory, cpus, append, stats, stats_json)
     from popek.console import Console
     from popek.profiler import Profiler, SystemMap
 
@@ -183,8 +190,46 @@ def run(kernel, initrd, append, memory, cpus, stats, stats_json, profile, profil
         smap = SystemMap.load(smap_path) if smap_path else None
         _print_profile(profiler.report(smap))
     if stats or stats_json:
-        _print_stats(vm.stats.as_dict(), as_json=stats_json)
+        _print_stats(dict(vm.stats.as_dict(), warm=False), as_json=stats_json)
     sys.exit(130 if interrupted else _exit_code(result, interactive))
+
+
+def _run_warm(warm, command, kernel, memory, cpus, append, stats, stats_json) -> None:
+    """`popek run -- COMMAND` from a warm template (popek.warm.run): the command's stdout and stderr stream to
+    ours; exits with its status."""
+    from popek.agent import AgentError
+
+    def emit(stream):
+        return lambda data: (stream.write(data), stream.flush())
+
+    interrupted = []
+
+    def on_signal(signum, frame):  # the first one reaches the command as SIGINT (AgentClient.exec), then we stop
+        interrupted.append(signum)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        r = warm.run(command, kernel=kernel, memory=memory, cpus=cpus, append=append,
+                     on_stdout=emit(sys.stdout.buffer), on_stderr=emit(sys.stderr.buffer),
+                     on_console=emit(sys.stdout.buffer), note=lambda msg: click.echo(f"popek: {msg}", err=True))
+    except _bad_input_errors() as e:
+        fail(str(e))
+    except warm.GuestEnded as e:
+        sys.exit(_exit_code(e.result, False))
+    except AgentError as e:
+        fail(f"guest agent: {e}", 1)
+    except KeyboardInterrupt:
+        interrupted.append(signal.SIGINT)
+    if interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        click.echo("\npopek: interrupted; VM stopped", err=True)
+        sys.exit(130)
+    if stats or stats_json:
+        _print_stats(dict(r.stats, warm=r.warm, warm_template_made=r.made, warm_key=r.key, warm_steps_s=r.timings),
+                     as_json=stats_json)
+    sys.exit(r.exit_status)
 
 
 def _interrupt(signum, frame):
@@ -228,6 +273,11 @@ def _print_stats(d: dict, *, as_json: bool) -> None:
         t.add_row(f"emulated: {mnem}", str(n))
     t.add_row("syscalls repaired", str(d["syscalls_repaired"]))
     t.add_row("debug exits", str(d["debug_exits"]))
+    if d.get("warm") is not None:
+        t.add_row("warm start", "yes" if d["warm"] else "no" + (" (made the template)" if d.get("warm_template_made")
+                                                               else ""))
+        for step, s in d.get("warm_steps_s", {}).items():
+            t.add_row(f"warm step: {step}", f"{s:.3f} s")
     RichConsole(stderr=True).print(t)
 
 
@@ -293,6 +343,18 @@ def image_list() -> None:
             click.echo(f"rootfs {kind:8} cannot be built here: {e}")
             continue
         click.echo(f"rootfs {kind} " + (f"{root.suite}  {root.path}" if root else "not built"))
+    from popek.warm import list_templates
+
+    for path in list_templates():
+        click.echo(f"warm     {path.name}  {path}")
+
+
+@image.command("forget-warm")
+def image_forget_warm() -> None:
+    """Remove every warm-start template (popek.warm; the next `popek run -- CMD` of each kind makes it again)."""
+    from popek.warm import forget_all, warm_root
+
+    click.echo(f"removed {forget_all()} warm template(s) from {warm_root()}")
 
 
 @main.command()

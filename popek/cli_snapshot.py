@@ -1,4 +1,4 @@
-"""`popek snapshot` commands: create (Full or Diff), restore, clone (N VMs from one snapshot), merge (Diff onto base)."""
+"""`popek snapshot` commands: create (Full or Diff), restore, clone (N VMs from one snapshot), merge a Diff."""
 
 # Naming of a Diff's base: a Diff snapshot directory holds `state` and a Diff `memory` file whose trailer names its
 # base memory file by id (popek/snapshot.py); the state file also records the base's absolute path at the time

@@ -1,4 +1,4 @@
-"""Line dialogue with a serial console socket (a detached VM's console.sock, or any Unix socket of raw console bytes)."""
+"""Line dialogue with a serial console socket (a detached VM's console.sock, any Unix socket of console bytes)."""
 
 from __future__ import annotations
 

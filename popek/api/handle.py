@@ -259,7 +259,8 @@ class VmHandle:
         """Build the VM from a snapshot (``popek.persist.load``; a Diff memory file over ``base_mem_file_path``,
         else over the base it recorded; ``track_dirty_pages`` lets the next snapshot be a Diff on this one) and
         start it if ``resume_vm``, else leave it Paused (``resume`` then starts it). Only on a handle made from a
-        spec without a boot source.
+        spec without a boot source. A started guest with a vsock device gets its clock and entropy refreshed
+        through its agent in the background, if one answers (``popek.warm.refresh_restored``).
 
         :raises RuntimeError: if this handle already has a VM; SnapshotError (a ValueError) for a bad snapshot;
             and what building the VM raises.
@@ -274,6 +275,11 @@ class VmHandle:
                            track_dirty_pages=track_dirty_pages)
             if resume_vm:
                 self.vm.start()
+                if self.vm.config.vsock is not None:  # clones must not share the snapshot's clock and CRNG state
+                    from popek.warm import refresh_restored
+
+                    threading.Thread(target=refresh_restored, args=([self.vm.config.vsock.uds_path],),
+                                     name="popek-refresh", daemon=True).start()
             else:
                 self._loaded_paused = True
             self._report()

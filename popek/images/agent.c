@@ -453,6 +453,12 @@ static void serve_refresh(const unsigned char *payload, uint32_t len)
 			send_error("RNDADDENTROPY: %s", strerror(errno));
 			return;
 		}
+		/* The CRNG reseeds from the pool only now and then: without this a restored snapshot's clones would
+		 * read the same /dev/urandom bytes until then. */
+		if (ioctl(fd, RNDRESEEDCRNG)) {
+			send_error("RNDRESEEDCRNG: %s", strerror(errno));
+			return;
+		}
 		close(fd);
 	}
 	if (flags & REFRESH_HOSTNAME && sethostname(host, strlen(host))) {
