@@ -236,7 +236,7 @@ class GuestEnded(Exception):
 
 @dataclass
 class WarmRun:
-    """What ``run`` did: the command's exit status (None if interrupted), whether it started ``warm`` from a
+    """What ``run`` did: the command's exit status, whether it started ``warm`` from a
     template, whether this run ``made`` the template, the template ``key``, and the seconds each step took."""
 
     exit_status: int | None
@@ -299,13 +299,16 @@ def run(command: list[str], *, kernel: str | None = None, memory: str | int = "2
             finally:
                 shutil.rmtree(vsock_dir, ignore_errors=True)
     from popek.runner import VM
+    from popek.vm import VmError
 
     showing = threading.Event()
     showing.set()
     vm = VM(None, kernel=kernel, memory=memory, cpus=cpus, append=f"{WARM_ARG} {append}".strip(),
             progress=progress, vsock=True,
             on_output=None if on_console is None else lambda data: showing.is_set() and on_console(data))
-    assert vm.config.cmdline == cmdline, (vm.config.cmdline, cmdline)
+    if vm.config.cmdline != cmdline:  # the key would not describe this guest
+        vm.close()
+        raise VmError(f"internal: template command line {vm.config.cmdline!r} is not the key's {cmdline!r}")
     t["load"] = time.monotonic()
     return _run_in(vm, vm.config.vsock.uds_path, command, key, t, on_stdout, on_stderr, note,
                    warm=False, made=False, template=path, console_until_ready=showing)
@@ -335,7 +338,7 @@ def _run_in(vm, uds, command, key, t, on_stdout, on_stderr, note, *, warm: bool,
             t["publish"] = time.monotonic()
         threading.Thread(target=_watch, args=(vm, finished, note), name="popek-warm-watch", daemon=True).start()
         if template is None:
-            client.refresh(clock=True, entropy=os.getrandom(ENTROPY_BYTES), hostname=HOSTNAME)
+            refresh(client, hostname=HOSTNAME)
             t["refresh"] = time.monotonic()
         status = client.exec(command, on_stdout=on_stdout, on_stderr=on_stderr,
                              on_error=lambda msg: note(f"guest agent: {msg}"))
@@ -349,6 +352,32 @@ def _run_in(vm, uds, command, key, t, on_stdout, on_stderr, note, *, warm: bool,
     steps = list(t.items())
     timings = {name: round(at - prev, 4) for (_, prev), (name, at) in zip(steps, steps[1:])}
     return WarmRun(status, warm, made, key, timings, stats)
+
+
+#: Attempts of the first REFRESH after a restore (see ``refresh``).
+REFRESH_ATTEMPTS = 5
+
+
+def refresh(client, *, hostname: str | None, timeout: float = 10.0) -> None:
+    """REFRESH a just-restored guest (``AgentClient.refresh``: the host's wall clock now, ENTROPY_BYTES from
+    getrandom(2), ``hostname`` unless None), retried up to REFRESH_ATTEMPTS times 0.1 s apart when the connection
+    is reset: the restored vsock device sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (VIRTIO 1.2 §5.10.6.7), and a
+    guest that handles it after accepting our connection resets that connection too. (REFRESH may be repeated.)
+
+    :raises AgentError: as ``AgentClient.refresh`` on the last attempt (or at once for an agent's ERROR answer).
+    """
+    from popek.agent import AgentError, AgentProtocolError, AgentTimeout
+
+    for attempt in range(REFRESH_ATTEMPTS):
+        try:
+            client.refresh(clock=True, entropy=os.getrandom(ENTROPY_BYTES), hostname=hostname, timeout=timeout)
+            return
+        except (AgentProtocolError, AgentTimeout):
+            raise
+        except (AgentError, ConnectionError) as e:  # the agent's own ERROR answer says "guest agent: ..."
+            if attempt + 1 == REFRESH_ATTEMPTS or str(e).startswith("guest agent:"):
+                raise
+        time.sleep(0.1)
 
 
 def _watch(vm, finished, note) -> None:
@@ -404,8 +433,7 @@ def refresh_restored(sockets: list[Path], timeout: float = 3.0) -> list[str]:
             problems.append(f"{uds}: no vsock socket")
             return
         try:
-            AgentClient(uds).refresh(clock=True, entropy=os.getrandom(ENTROPY_BYTES), hostname=None,
-                                     timeout=timeout)
+            refresh(AgentClient(uds), hostname=None, timeout=timeout)
         except (AgentError, OSError) as e:
             problems.append(f"{uds}: {e}")
 

@@ -264,7 +264,9 @@ static pid_t __attribute__((noinline)) spawn(char **argv, char **envp, const cha
 	sigset_t none;
 	sigemptyset(&none);
 	sigprocmask(SIG_SETMASK, &none, NULL);
-	signal(SIGPIPE, SIG_DFL);  /* ignored dispositions survive exec */
+	signal(SIGPIPE, SIG_DFL);  /* ignored dispositions survive exec; a shell's background job (the init starts */
+	signal(SIGINT, SIG_DFL);   /* us with &) ignores SIGINT and SIGQUIT, which SIGNAL must be able to deliver */
+	signal(SIGQUIT, SIG_DFL);
 	setsid();                  /* its own process group, so SIGNAL and a lost host reach all of it */
 	dup2(in, 0);
 	dup2(out, 1);

@@ -141,10 +141,61 @@ def test_refresh_restored_leaves_a_guest_without_an_agent_alone_and_says_why(tmp
     listener.bind(str(tmp_path / "closes.sock"))
     listener.listen(1)
     # a vsock device with nothing on the agent's port closes the connection: AgentNotReady
-    threading.Thread(target=lambda: listener.accept()[0].close(), daemon=True).start()
+    def close_each():
+        while True:
+            try:
+                listener.accept()[0].close()
+            except OSError:
+                return
+
+    threading.Thread(target=close_each, daemon=True).start()
     try:
         problems = warm.refresh_restored([tmp_path / "missing.sock", tmp_path / "closes.sock"], timeout=5.0)
     finally:
         listener.close()
     assert len(problems) == 2
     assert "missing.sock: no vsock socket" in problems[0] or "missing.sock: no vsock socket" in problems[1]
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    """`popek run` through click's runner, with popek.warm.run and popek.cli.VM replaced by recorders."""
+    from click.testing import CliRunner
+
+    import popek.cli
+
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(("warm", command, kwargs))
+        kwargs["on_stdout"](b"out\n")
+        return warm.WarmRun(7, True, False, "k", {"exec": 0.1}, {"wall_s": 1.0})
+
+    def fake_vm(command, **kwargs):
+        calls.append(("cold", command, kwargs))
+        raise ValueError("cold boot asked")
+
+    monkeypatch.setattr(warm, "run", fake_run)
+    monkeypatch.setattr(popek.cli, "VM", fake_vm)
+    monkeypatch.delenv("POPEK_NO_WARM", raising=False)
+
+    def invoke(*args):
+        r = CliRunner().invoke(popek.cli.main, ["run", *args])
+        return r, calls
+
+    return invoke
+
+
+def test_popek_run_with_a_command_starts_warm_and_exits_with_the_commands_status(cli):
+    r, calls = cli("--memory", "512M", "--stats-json", "--", "sh", "-c", "exit 7")
+    assert r.exit_code == 7, r.output
+    assert [c[0] for c in calls] == ["warm"] and calls[0][1] == ["sh", "-c", "exit 7"]
+    assert calls[0][2]["memory"] == "512M"
+    assert '"warm": true' in r.output
+
+
+@pytest.mark.parametrize("args", [("--cold", "--", "true"), ("--no-rng", "--", "true"), ()])
+def test_popek_run_cold_interactive_or_with_options_a_template_lacks_boots(cli, args):
+    r, calls = cli(*args)
+    assert [c[0] for c in calls] == ["cold"], r.output
+    assert "cold boot asked" in r.output
