@@ -1,5 +1,6 @@
 """End to end, several VMs on one host, each in its own detached VMM process (`popek start`): ps, pause/resume, a
-neighbour's VMM killed with SIGKILL, stop, logs, rm, and a guest kernel panic that stays inside its VM. Boots real
+neighbour's VMM killed with SIGKILL, stop, logs, rm, and a killed VMM plus a guest kernel panic that leave a
+busy-looping neighbour answering exec and console. Boots real
 guests (~20-40 s each here, two at a time on this 2-core machine): run with ``--run-slow``."""
 
 import json
@@ -176,18 +177,31 @@ def test_two_vms_run_side_by_side_pause_resume_survive_a_killed_neighbour_and_st
     assert host.ps() == {} and host.leftovers() == []
 
 
-def test_guest_kernel_panic_stays_in_its_vm_while_a_neighbour_keeps_running(host):
-    healthy, doomed = host.name("ok"), host.name("panic")
-    host.start(healthy, "--", "sh", "-c", f"echo marker-{healthy}; sleep 600")
+def test_a_killed_vmm_and_a_panicked_guest_leave_a_busy_neighbour_answering_exec_and_console(host):
+    """The issue's containment case: one guest spins in a busy loop; a second VM's VMM is killed with SIGKILL and a
+    third guest's kernel panics; the busy guest still answers `popek exec` and writes to its console."""
+    busy, killed, doomed = host.name("busy"), host.name("killed"), host.name("panic")
+    host.start(busy, "--", "sh", "-c", f"echo marker-{busy}; while :; do :; done")
+    host.start(killed, "--", "sh", "-c", f"echo marker-{killed}; sleep 600")
+    host.wait_log(busy, f"marker-{busy}")
+    host.wait_log(killed, f"marker-{killed}")
+    pid, start = host.vmm(killed)
+    os.kill(pid, signal.SIGKILL)
     host.start(doomed, "--append", "init=/nonexistent rdinit=/nonexistent")  # no init: the kernel panics
     row = host.wait_state(doomed, "stopped")
     assert row["state"] == "stopped (panic)" and row["pid"] is None
     assert "Kernel panic - not syncing" in host.run("logs", doomed).stdout
-    assert host.ps()[healthy]["state"] == "running"
-    host.wait_log(healthy, f"marker-{healthy}")
-    host.run("pause", healthy)  # its API still answers
-    host.run("resume", healthy)
-    assert host.ps()[healthy]["state"] == "running"
-    host.run("stop", healthy)
-    host.run("rm", healthy, doomed)
+    wait_dead(pid, start)
+    ps = host.ps()
+    assert killed not in ps or not ps[killed]["state"].startswith("running")
+    assert ps[busy]["state"] == "running"
+    r = host.run("exec", "--timeout", str(BOOT_TIMEOUT), busy, "--", "sh", "-c",
+                 f"echo console-{busy} > /dev/console; echo alive", timeout=BOOT_TIMEOUT + 60)
+    assert r.stdout == "alive\n"
+    host.wait_log(busy, f"console-{busy}")
+    host.run("pause", busy)  # its API still answers
+    host.run("resume", busy)
+    host.run("stop", busy)
+    host.run("rm", busy, doomed, check=False)
+    host.run("rm", killed, check=False)  # already cleaned as stale by ps, or removed here
     assert host.leftovers() == []
