@@ -43,6 +43,7 @@ import errno
 import os
 import selectors
 import signal as signal_module
+import shutil
 import socket
 import stat
 import struct
@@ -441,6 +442,27 @@ DEFAULT_GUEST_CID = 3
 VSOCK_SOCKET = "vsock.sock"
 
 
+#: Private vsock directories are <tmp>/popek-vsock-<pid of their VMM>-<random>.
+VSOCK_DIR_PREFIX = "popek-vsock-"
+
+
+def remove_stale_vsock_dirs(tmp: str | os.PathLike | None = None) -> list[Path]:
+    """Remove private vsock directories (``vsock_config``) in ``tmp`` (default: the temporary directory) whose
+    process is gone: a VM whose process was killed (SIGKILL) before it could remove its own. Only this user's; a
+    directory whose pid is alive (or reused) is left. Returns what was removed."""
+    removed = []
+    for d in Path(tmp or tempfile.gettempdir()).glob(f"{VSOCK_DIR_PREFIX}*-*"):
+        pid = d.name[len(VSOCK_DIR_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or os.path.exists(f"/proc/{pid}") or d.lstat().st_uid != os.geteuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
 def vsock_config(vsock) -> tuple[VsockConfig | None, Path | None]:
     """(``popek.vm.VsockConfig`` or None, the private directory made for it or None) for ``popek.VM``'s ``vsock``
     argument: True -> a socket in a new private temporary directory (mode 0700; the caller removes it), a path ->
@@ -453,7 +475,8 @@ def vsock_config(vsock) -> tuple[VsockConfig | None, Path | None]:
     if isinstance(vsock, VsockConfig):
         return vsock, None
     if vsock is True:
-        d = Path(tempfile.mkdtemp(prefix="popek-vsock-"))
+        remove_stale_vsock_dirs()
+        d = Path(tempfile.mkdtemp(prefix=f"{VSOCK_DIR_PREFIX}{os.getpid()}-"))
         return VsockConfig(DEFAULT_GUEST_CID, d / VSOCK_SOCKET), d
     if isinstance(vsock, (str, os.PathLike)):
         return VsockConfig(DEFAULT_GUEST_CID, Path(vsock)), None

@@ -340,3 +340,16 @@ def test_handshake_answer_other_than_ok_is_a_protocol_error(tmp_path):
 def test_missing_socket_is_not_ready(tmp_path):
     with pytest.raises(AgentNotReady, match="cannot reach"):
         AgentClient(tmp_path / "nothing.sock").connect()
+
+
+def test_stale_private_vsock_dirs_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{agent.VSOCK_DIR_PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{agent.VSOCK_DIR_PREFIX}{os.getpid()}-def"
+    other = tmp_path / "popek-vsock-notapid-x"
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "vsock.sock").touch()
+    assert agent.remove_stale_vsock_dirs(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and other.exists()
