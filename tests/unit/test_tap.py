@@ -10,7 +10,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
@@ -19,6 +18,7 @@ from popek.devices.virtio.device import VIRTIO_RING_F_EVENT_IDX
 from popek.devices.virtio.net import RX_QUEUE, TX_QUEUE, VIRTIO_NET_HDR, Net
 from popek.memory import GuestMemory
 from popek.net.tap import Tap, TapError, format_mac, parse_mac, random_mac
+from polling import wait_for
 from test_virtqueue import FakeDriver
 
 needs_tap = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
@@ -155,15 +155,6 @@ def test_missing_privilege_is_reported(monkeypatch):
 
 
 # --- frames through a real tap ----------------------------------------------------------------------------
-
-
-def wait_for(pred, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return pred()
 
 
 def ipv4_udp(src_mac: bytes, dst_mac: bytes, src: str, dst: str, sport: int, dport: int, data: bytes) -> bytes:

@@ -17,6 +17,7 @@ from popek.devices.virtio.net import (RX_QUEUE, TX_QUEUE, VIRTIO_ID_NET, VIRTIO_
                                       VIRTIO_NET_S_LINK_UP, Net)
 from popek.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from popek.memory import GuestMemory
+from polling import wait_for
 from test_virtqueue import FakeDriver
 
 MAC = "52:54:00:12:34:56"
@@ -27,15 +28,6 @@ def frame(n: int, seed: int = 0) -> bytes:
     """An Ethernet frame of ``n`` bytes: broadcast dst, our MAC as src, type 0x88B5 (local experimental)."""
     body = bytes((seed + i * 13) & 0xFF for i in range(max(n - 14, 0)))
     return b"\xff" * 6 + bytes.fromhex(MAC.replace(":", "")) + b"\x88\xb5" + body
-
-
-def wait_for(pred, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.005)
-    return pred()
 
 
 @pytest.fixture

@@ -25,21 +25,13 @@ from popek.devices.virtio.vsock import (CONN_BUF_SIZE, CREDIT_UPDATE_THRESHOLD, 
                                         Vsock)
 from popek.devices.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from popek.memory import GuestMemory
+from polling import wait_for
 from test_virtqueue import FakeDriver
 
 CID = 3
 HDR = VIRTIO_VSOCK_HDR.size
 RX_BUF = 4096  # Linux's VIRTIO_VSOCK_DEFAULT_RX_BUF_SIZE
 BOTH = VIRTIO_VSOCK_SHUTDOWN_RCV | VIRTIO_VSOCK_SHUTDOWN_SEND
-
-
-def wait_for(pred, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.002)
-    return pred()
 
 
 class Packet:
